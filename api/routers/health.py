@@ -1,0 +1,26 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.dependencies import ModelDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/livez", summary="The gateway process is alive")
+async def livez() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get(
+    "/readyz",
+    summary="Triton is reachable and the model is ready (warm)",
+    responses={503: {"description": "not ready", "content": {"application/problem+json": {}}}},
+)
+async def readyz(model: ModelDep) -> dict[str, str]:
+    if not await model.is_ready():
+        raise model.unavailable(f"model {model.model_name!r} is not ready on Triton")
+    card = await model.card()
+    return {"status": "ready", "model": card.name, "version": card.model_version}

@@ -1,0 +1,27 @@
+"""The tensor contract between preprocessing, the exported graph and Triton.
+
+One place for the names, shapes and dtypes that the exporter writes into ONNX / config.pbtxt and that
+the gateway sends over gRPC; both sides import them from here so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# FM-HCT was trained on 3 CT windows x 96^3 voxels in RAS array order (axial slice axis last).
+INPUT_CHANNELS: Final = 3
+INPUT_SPATIAL: Final = (96, 96, 96)
+INPUT_SHAPE: Final = (INPUT_CHANNELS, *INPUT_SPATIAL)
+
+# Triton tensor names and wire dtypes (Triton datatype strings).
+INPUT_NAME: Final = "image"
+INPUT_DATATYPE: Final = "FP16"
+PROBABILITIES_NAME: Final = "probabilities"
+EMBEDDING_NAME: Final = "embedding"
+OUTPUT_DATATYPE: Final = "FP32"
+
+# Bump whenever preprocessing output changes for the same input; recorded in every model card so a
+# model is never served behind a preprocessing it was not validated with.
+PREPROCESSING_VERSION: Final = "fmhct-train-v1"
+
+DEFAULT_MODEL_NAME: Final = "fmhct"

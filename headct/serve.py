@@ -1,0 +1,74 @@
+"""`python -m headct.serve`: the local stack in the foreground — tritonserver (CPU, Python backend) on the
+model repository, then the gateway. Ctrl-C stops both.
+
+This is what `make serve` runs once the model repository exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import uvicorn
+
+from headct import contract
+from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m headct.serve", description=__doc__)
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument(
+        "--model-name", default=os.environ.get("HEADCT_MODEL_NAME", contract.DEFAULT_MODEL_NAME)
+    )
+    parser.add_argument("--host", default=os.environ.get("HEADCT_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("HEADCT_PORT", "8080")))
+    parser.add_argument("--triton-http-port", type=int, default=8000)
+    parser.add_argument("--triton-grpc-port", type=int, default=8001)
+    parser.add_argument("--triton-metrics-port", type=int, default=8002)
+    parser.add_argument("--triton-log", type=Path, default=ROOT / "build" / "logs" / "tritonserver.log")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if not (args.repository / args.model_name / "config.pbtxt").is_file():
+        print(f"no model {args.model_name!r} in {args.repository}; run `make export` or `make serve`")
+        return 2
+    started = time.monotonic()
+    triton = LocalTriton(
+        home=prepare_triton_home(ROOT / "build" / "tritonserver"),
+        repository=args.repository,
+        ports=TritonPorts(args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port),
+        address=args.host,
+        log_path=args.triton_log,
+    )
+    print(f"starting tritonserver (log: {args.triton_log})", flush=True)
+    triton.start()
+    # SIGTERM (e.g. from a supervisor) stops the stack like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        triton.wait_ready(args.model_name)
+        print(f"triton ready in {time.monotonic() - started:.1f} s; starting the gateway", flush=True)
+        os.environ["HEADCT_TRITON_GRPC_URL"] = f"{args.host}:{args.triton_grpc_port}"
+        os.environ["HEADCT_MODEL_NAME"] = args.model_name
+        print(
+            f"gateway: http://{args.host}:{args.port}  (docs: /docs, findings: POST /v1/predict)", flush=True
+        )
+        uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="info")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping tritonserver", flush=True)
+        triton.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
