@@ -159,14 +159,20 @@ def test_sniffing_by_magic_bytes(tmp_path: Path) -> None:
     ],
 )
 def test_triton_errors_map_to_problems(grpc_status: str, http_status: int, code: str) -> None:
-    model = TritonModel("127.0.0.1:1", "fmhct", "", timeout_s=1.0, retry_after_s=7)
+    async def call() -> None:
+        model = TritonModel("127.0.0.1:1", "fmhct", "", timeout_s=1.0, retry_after_s=7)
 
-    async def failing_infer(*args: object, **kwargs: object) -> None:
-        raise InferenceServerException("boom", status=grpc_status)
+        async def failing_infer(*args: object, **kwargs: object) -> None:
+            raise InferenceServerException("boom", status=grpc_status)
 
-    model._client.infer = failing_infer  # type: ignore[method-assign]
+        model._client.infer = failing_infer  # type: ignore[method-assign]
+        try:
+            await model.infer(np.zeros((3, 96, 96, 96), np.float16))
+        finally:
+            await model.close()
+
     with pytest.raises(ProblemError) as raised:
-        asyncio.run(model.infer(np.zeros((3, 96, 96, 96), np.float16)))
+        asyncio.run(call())
     assert (raised.value.status, raised.value.code) == (http_status, code)
     if http_status == 503:
         assert raised.value.headers["Retry-After"] == "7"
