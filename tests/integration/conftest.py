@@ -18,7 +18,9 @@ from headct import contract
 from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
 
 ROOT = Path(__file__).resolve().parents[2]
-REPOSITORY = ROOT / "model_repository"
+# Overridable so a developer can point the suite at another export; `make test` uses the defaults.
+REPOSITORY = Path(os.environ.get("HEADCT_TEST_REPOSITORY", ROOT / "model_repository"))
+CHECKPOINTS = Path(os.environ.get("HEADCT_TEST_CHECKPOINTS", ROOT / "build" / "demo" / "checkpoints"))
 MODEL_NAME = contract.DEFAULT_MODEL_NAME
 
 

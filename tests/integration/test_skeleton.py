@@ -11,18 +11,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from export.demo.synthetic_head import make_head, to_nifti
-from export.serving_graph import ServingGraph
-from headct.preprocess import preprocess
 
 from export.checkpoint import load_backbone, load_head
+from export.demo.synthetic_head import make_head, to_nifti
+from export.serving_graph import ServingGraph
 from headct.model_card import MODEL_CARD_FILENAME, ModelCard
+from headct.preprocess import preprocess
 from headct.volume import Volume
-from tests.integration.conftest import MODEL_NAME, REPOSITORY, ROOT
+from tests.integration.conftest import CHECKPOINTS, MODEL_NAME, REPOSITORY
 
 pytestmark = pytest.mark.integration
 
-CHECKPOINTS = ROOT / "build" / "demo" / "checkpoints"
 PROBLEM = "application/problem+json"
 
 
