@@ -8,7 +8,6 @@ from pathlib import Path
 
 import anyio
 import numpy as np
-from headct.preprocess import PreprocessingError, preprocess
 
 from api import metrics
 from api.ingest import DecodedScan, decode_upload
@@ -16,6 +15,7 @@ from api.problems import ProblemError
 from api.triton import InferenceResult, TritonModel
 from api.validation import validate
 from headct.model_card import ModelCard
+from headct.preprocess import PreprocessingError, preprocess
 
 
 @dataclass
