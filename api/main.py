@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api import metrics
+from api.grpc_server import GrpcGateway
 from api.prediction import PredictionService
 from api.problems import install_problem_handlers
 from api.routers import health, models, predict
@@ -47,10 +48,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.settings = settings
         app.state.model = model
-        app.state.prediction_service = PredictionService(model, settings.preprocess_concurrency)
+        service = PredictionService(model, settings.preprocess_concurrency)
+        app.state.prediction_service = service
+        grpc_gateway = GrpcGateway(service, settings) if settings.grpc_enabled else None
+        if grpc_gateway is not None:
+            await grpc_gateway.start()
         try:
             yield
         finally:
+            if grpc_gateway is not None:
+                await grpc_gateway.stop(settings.shutdown_grace_s)
             await model.close()
 
     app = FastAPI(

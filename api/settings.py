@@ -15,6 +15,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8080
+    grpc_enabled: bool = True
+    grpc_port: int = 50051
+    shutdown_grace_s: float = Field(default=20.0, ge=0, description="in-flight gRPC calls get this long")
 
     triton_grpc_url: str = "127.0.0.1:8001"
     model_name: str = contract.DEFAULT_MODEL_NAME

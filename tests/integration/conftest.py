@@ -51,7 +51,14 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
 
 
 @pytest.fixture(scope="session")
-def gateway_url(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gateway_grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(
+    triton: LocalTriton, gateway_grpc_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
     env = dict(os.environ)
@@ -59,6 +66,7 @@ def gateway_url(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -
         HEADCT_TRITON_GRPC_URL=f"127.0.0.1:{triton.ports.grpc}",
         HEADCT_MODEL_NAME=MODEL_NAME,
         HEADCT_MAX_UPLOAD_BYTES=str(64 << 20),
+        HEADCT_GRPC_PORT=str(gateway_grpc_port),
     )
     with log_path.open("wb") as log:
         process = subprocess.Popen(

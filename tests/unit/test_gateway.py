@@ -71,7 +71,7 @@ def fake() -> FakeModel:
 
 @pytest.fixture
 def client(fake: FakeModel) -> Iterator[TestClient]:
-    app = create_app(Settings(max_upload_bytes=1 << 20))
+    app = create_app(Settings(max_upload_bytes=1 << 20, grpc_enabled=False))
     app.dependency_overrides[get_model] = lambda: fake
     app.dependency_overrides[get_prediction_service] = lambda: PredictionService(fake, 1)  # type: ignore[arg-type]
     with TestClient(app) as test_client:

@@ -1,0 +1,268 @@
+"""The gRPC front end (`headct.v1.HeadCT`, see api/proto/headct/v1/headct.proto), served from the same
+process and event loop as REST, sharing its Triton connection, prediction service and error codes.
+
+Also serves the standard `grpc.health.v1` health service (status follows the model's readiness) and
+server reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from api import metrics
+from api.prediction import PredictionService
+from api.problems import ProblemError
+from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from api.responses import build_predict_response, check_includes, select_tasks
+from api.routers.models import model_info
+from api.schemas import PredictResponse
+from api.settings import Settings
+
+SERVICE_NAME = headct_pb2.DESCRIPTOR.services_by_name["HeadCT"].full_name
+_MAX_REQUEST_ID = 128
+
+# REST status → gRPC status; the problem's own `code` travels in the trailing metadata.
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def grpc_status(http_status: int) -> grpc.StatusCode:
+    return _STATUS.get(http_status, grpc.StatusCode.INTERNAL)
+
+
+def _request_id(supplied: str) -> str:
+    if 0 < len(supplied) <= _MAX_REQUEST_ID and supplied.isascii() and supplied.isprintable():
+        return supplied
+    return uuid.uuid4().hex
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ProblemError, request_id: str) -> None:
+    metrics.REJECTIONS.labels(code=error.code).inc()
+    problem = error.to_problem(request_id).model_dump_json(exclude_none=True)
+    context.set_trailing_metadata(
+        (
+            ("headct-problem-code", error.code),
+            ("headct-problem-http-status", str(error.status)),
+            ("headct-problem-bin", problem.encode()),
+            ("x-request-id", request_id),
+        )
+    )
+    await context.abort(grpc_status(error.status), f"{error.code}: {error.detail}")
+
+
+def _to_proto(response: PredictResponse) -> headct_pb2.PredictResponse:
+    timings = response.timings_ms
+    return headct_pb2.PredictResponse(
+        request_id=response.request_id,
+        model=headct_pb2.ModelRef(**response.model.model_dump()),
+        findings=[headct_pb2.Finding(**finding.model_dump()) for finding in response.findings],
+        embedding=response.embedding or [],
+        input=headct_pb2.InputSummary(**response.input.model_dump()),
+        warnings=[headct_pb2.Warning(**warning.model_dump()) for warning in response.warnings],
+        timings_ms=headct_pb2.Timings(
+            decode=timings.decode,
+            validate=timings.validate_,
+            preprocess=timings.preprocess,
+            queue=timings.queue,
+            infer=timings.infer,
+            total=timings.total,
+        ),
+        notice=response.notice or "",
+    )
+
+
+class _Spool:
+    """Bytes of one scan written to a private temporary file, capped at `limit`."""
+
+    def __init__(self, limit: int, directory: str | None) -> None:
+        self.limit = limit
+        handle, name = tempfile.mkstemp(prefix="headct-grpc-", dir=directory)
+        self.path = Path(name)
+        self._sink = os.fdopen(handle, "wb")
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise ProblemError(
+                413,
+                "payload_too_large",
+                f"the scan exceeds the {self.limit} byte limit of this gateway",
+                observed=f"> {self.limit}",
+                expected=f"<= {self.limit} bytes",
+            )
+        self._sink.write(data)
+
+    def finish(self) -> Path:
+        self._sink.close()
+        if self.size == 0:
+            raise ProblemError(400, "empty_body", "the scan is empty; send one head CT scan")
+        return self.path
+
+    def discard(self) -> None:
+        self._sink.close()
+        self.path.unlink(missing_ok=True)
+
+
+class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
+    def __init__(self, service: PredictionService, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+
+    async def _predict(
+        self,
+        options: headct_pb2.PredictOptions,
+        chunks: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+        route: str,
+    ) -> headct_pb2.PredictResponse:
+        started_at = time.perf_counter()
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = _request_id(options.request_id or str(metadata.get("x-request-id", "")))
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        status = "OK"
+        metrics.INFLIGHT.inc()
+        spool = _Spool(self.settings.max_upload_bytes, self.settings.spool_dir)
+        try:
+            extras = ["embedding"] if options.include_embedding else []
+            check_includes(extras)
+            card = await self.service.model.card()
+            selected = select_tasks(card, list(options.tasks))
+            async for data in chunks:
+                spool.write(data)
+            prediction = await self.service.predict(spool.finish(), options.content_type)
+            response = build_predict_response(
+                prediction,
+                selected=selected,
+                include_embedding=options.include_embedding,
+                request_id=request_id,
+                started_at=started_at,
+            )
+            return _to_proto(response)
+        except ProblemError as error:
+            status = grpc_status(error.status).name
+            await _abort(context, error, request_id)
+            raise  # unreachable: abort raises
+        finally:
+            spool.discard()
+            metrics.INFLIGHT.dec()
+            metrics.REQUESTS.labels(route=route, status=status).inc()
+            metrics.REQUEST_DURATION.labels(route=route).observe(time.perf_counter() - started_at)
+
+    async def Predict(
+        self, request: headct_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> headct_pb2.PredictResponse:
+        async def single() -> AsyncIterator[bytes]:
+            yield request.scan
+
+        return await self._predict(request.options, single(), context, f"/{SERVICE_NAME}/Predict")
+
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[headct_pb2.PredictChunk], context: grpc.aio.ServicerContext
+    ) -> headct_pb2.PredictResponse:
+        iterator = aiter(request_iterator)
+        first = await anext(iterator, None)
+        if first is None or first.WhichOneof("part") != "options":
+            error = ProblemError(
+                400,
+                "invalid_request",
+                "the first PredictChunk must carry the options, the following ones the data",
+                field="options",
+            )
+            await _abort(context, error, _request_id(""))
+
+        async def data() -> AsyncIterator[bytes]:
+            async for chunk in iterator:
+                if chunk.WhichOneof("part") != "data":
+                    raise ProblemError(
+                        400, "invalid_request", "options may only be sent once, first", field="options"
+                    )
+                yield chunk.data
+
+        assert first is not None
+        return await self._predict(first.options, data(), context, f"/{SERVICE_NAME}/PredictStream")
+
+    async def GetModel(
+        self, request: headct_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> headct_pb2.ModelInfo:
+        try:
+            info = model_info(await self.service.model.card())
+        except ProblemError as error:
+            await _abort(context, error, _request_id(""))
+            raise
+        return headct_pb2.ModelInfo(
+            name=info.name,
+            version=info.version,
+            triton_version=info.triton_version,
+            sha256=info.sha256,
+            synthetic_demo=info.synthetic_demo,
+            notice=info.notice,
+            tasks=[headct_pb2.TaskInfo(**task.model_dump(exclude_none=True)) for task in info.tasks],
+            input_shape=info.input.shape,
+            input_datatype=info.input.datatype,
+            preprocessing_version=info.preprocessing_version,
+            embedding_dim=info.embedding_dim,
+            max_batch_size=info.max_batch_size,
+        )
+
+
+class GrpcGateway:
+    """The gRPC server plus a task that keeps `grpc.health.v1` in step with the model's readiness."""
+
+    def __init__(self, service: PredictionService, settings: Settings) -> None:
+        limit = settings.max_upload_bytes + (1 << 20)  # room for the options around the scan bytes
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 24)]
+        )
+        self.service = service
+        self.health = HealthServicer()
+        headct_pb2_grpc.add_HeadCTServicer_to_server(HeadCTServicer(service, settings), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        self._watch: asyncio.Task[None] | None = None
+
+    async def _follow_readiness(self, interval_s: float = 2.0) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        while True:
+            status = serving if await self.service.model.is_ready() else not_serving
+            await self.health.set("", status)
+            await self.health.set(SERVICE_NAME, status)
+            await asyncio.sleep(interval_s)
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._watch = asyncio.create_task(self._follow_readiness())
+
+    async def stop(self, grace_s: float) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)

@@ -1,0 +1,82 @@
+"""Assembling a prediction answer — shared by the REST and gRPC front ends so both say the same thing."""
+
+from __future__ import annotations
+
+import time
+
+from api import metrics
+from api.prediction import Prediction
+from api.problems import ProblemError
+from api.schemas import Finding, InputSummary, ModelRef, PredictResponse, Timings, Warning
+from headct.model_card import ModelCard
+
+INCLUDABLE = frozenset({"embedding"})
+
+
+def check_includes(extras: list[str]) -> None:
+    if bad := [extra for extra in extras if extra not in INCLUDABLE]:
+        raise ProblemError(
+            400,
+            "invalid_include",
+            f"cannot include {', '.join(bad)}",
+            field="include",
+            observed=bad,
+            expected=sorted(INCLUDABLE),
+        )
+
+
+def select_tasks(card: ModelCard, requested: list[str]) -> list[int]:
+    """Indices (in model output order) of the requested findings; all of them when none are named."""
+    names = card.task_names
+    unknown = [name for name in requested if name not in names]
+    if unknown:
+        raise ProblemError(
+            400,
+            "unknown_task",
+            f"unknown task(s): {', '.join(unknown)}",
+            field="tasks",
+            observed=unknown,
+            expected=names,
+        )
+    return [names.index(name) for name in requested] if requested else list(range(len(names)))
+
+
+def build_predict_response(
+    prediction: Prediction,
+    *,
+    selected: list[int],
+    include_embedding: bool,
+    request_id: str,
+    started_at: float,
+) -> PredictResponse:
+    card = prediction.card
+    findings = []
+    for index in selected:
+        task = card.tasks[index]
+        probability = float(prediction.result.probabilities[index])
+        metrics.FINDING_PROBABILITY.labels(finding=task.name).observe(probability)
+        findings.append(
+            Finding(
+                name=task.name,
+                probability=probability,
+                threshold=task.threshold,
+                positive=probability >= task.threshold,
+            )
+        )
+    scan = prediction.scan
+    timings = dict(prediction.timings_ms)
+    timings["total"] = round((time.perf_counter() - started_at) * 1000.0, 3)
+    return PredictResponse(
+        request_id=request_id,
+        model=ModelRef(name=card.name, version=card.model_version, sha256=card.checkpoint_sha256),
+        findings=findings,
+        embedding=prediction.result.embedding.tolist() if include_embedding else None,
+        input=InputSummary(
+            shape=list(scan.file_shape),
+            spacing_mm=[round(s, 4) for s in scan.file_spacing_mm],
+            source_format=scan.source_format,
+        ),
+        warnings=[Warning(code=code, detail=detail) for code, detail in prediction.warnings],
+        timings_ms=Timings.model_validate(timings),
+        notice=card.notice if card.synthetic_demo else None,
+    )
