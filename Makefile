@@ -63,7 +63,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: demo lint
+test: demo lint chart-check
 	$(PY) -m pytest -q
 
 export: setup
@@ -76,9 +76,9 @@ bench bench-quick:
 	@echo "make $@: the benchmark suite is not built yet (see the benchmarks issue); nothing was measured." >&2
 	@exit 1
 
+# Bootstraps its own tools (helm, kubernetes-validate, checkov, promtool...) under build/tools/.
 chart-check:
-	@echo "make chart-check: the Helm chart is not built yet (see the Helm issue); nothing was checked." >&2
-	@exit 1
+	$(PYTHON) -m helm.check
 
 clean:
 	rm -rf build $(REPOSITORY)/$(MODEL_NAME) .pytest_cache .ruff_cache

@@ -149,7 +149,9 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
             selected = select_tasks(card, list(options.tasks))
             async for data in chunks:
                 spool.write(data)
-            prediction = await self.service.predict(spool.finish(), options.content_type)
+            prediction = await self.service.predict(
+                spool.finish(), options.content_type, series_uid=options.series_uid or None
+            )
             response = build_predict_response(
                 prediction,
                 selected=selected,

@@ -40,10 +40,12 @@ class _Stopwatch:
         metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
 
 
-def _prepare(upload: Path, content_type: str, watch: _Stopwatch) -> tuple[DecodedScan, np.ndarray, list]:
-    scan = decode_upload(upload, content_type)
+def _prepare(
+    upload: Path, content_type: str, series_uid: str | None, watch: _Stopwatch
+) -> tuple[DecodedScan, np.ndarray, list]:
+    scan = decode_upload(upload, content_type, series_uid=series_uid)
     watch.lap("decode")
-    warnings = validate(scan.volume)
+    warnings = validate(scan)
     watch.lap("validate")
     try:
         image = preprocess(scan.volume)
@@ -60,7 +62,7 @@ class PredictionService:
         self.model = model
         self._cpu_slots = anyio.CapacityLimiter(preprocess_concurrency)
 
-    async def predict(self, upload: Path, content_type: str) -> Prediction:
+    async def predict(self, upload: Path, content_type: str, *, series_uid: str | None = None) -> Prediction:
         if not await self.model.is_ready():
             raise self.model.unavailable("the model is not ready yet")
         card = await self.model.card()
@@ -73,7 +75,9 @@ class PredictionService:
         watch.lap("queue")
         try:
             # Decoding and resampling are CPU-bound: never on the event loop.
-            scan, image, warnings = await anyio.to_thread.run_sync(_prepare, upload, content_type, watch)
+            scan, image, warnings = await anyio.to_thread.run_sync(
+                _prepare, upload, content_type, series_uid, watch
+            )
         finally:
             self._cpu_slots.release()
         result = await self.model.infer(image)

@@ -24,10 +24,26 @@ _BINARY_BODY = {"schema": {"type": "string", "format": "binary"}}
 _OPENAPI_BODY = {
     "requestBody": {
         "required": True,
-        "description": "One head CT scan: a NIfTI file (.nii or .nii.gz), recognised by its magic bytes.",
+        "description": (
+            "One head CT scan, recognised by its bytes: a zip of a DICOM series (or study), one DICOM "
+            "instance per part of a multipart body, one multi-frame DICOM object, NIfTI (.nii, .nii.gz) "
+            "or NRRD."
+        ),
         "content": {
+            "application/zip": _BINARY_BODY,
+            "application/dicom": _BINARY_BODY,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "multipart/related": _BINARY_BODY,
             "application/octet-stream": _BINARY_BODY,
             "application/gzip": _BINARY_BODY,
+            "application/x-nrrd": _BINARY_BODY,
         },
     }
 }
@@ -57,6 +73,10 @@ async def predict(
     settings: SettingsDep,
     tasks: Annotated[str | None, Query(description="comma-separated subset of findings")] = None,
     include: Annotated[str | None, Query(description="comma-separated extras: `embedding`")] = None,
+    series_uid: Annotated[
+        str | None,
+        Query(max_length=64, description="SeriesInstanceUID to read when the upload holds several series"),
+    ] = None,
 ) -> PredictResponse:
     extras = _split(include)
     check_includes(extras)
@@ -64,7 +84,9 @@ async def predict(
     selected = select_tasks(card, _split(tasks))
     upload: Path = await spool_body(request, limit=settings.max_upload_bytes, directory=settings.spool_dir)
     try:
-        prediction = await service.predict(upload, request.headers.get("content-type", ""))
+        prediction = await service.predict(
+            upload, request.headers.get("content-type", ""), series_uid=series_uid
+        )
     finally:
         upload.unlink(missing_ok=True)
     return build_predict_response(

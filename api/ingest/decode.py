@@ -1,0 +1,190 @@
+"""`decode_upload`: the spooled upload -> `DecodedScan`, whatever the format.
+
+Dispatch: a ``multipart/*`` content type is split into parts; otherwise the media type must be one
+of `SINGLE_FILE_MEDIA_TYPES` and the bytes decide the format (magic numbers): NIfTI(.gz), NRRD, a
+zip of DICOM files, or one DICOM file (a multi-frame object is a whole series; a single slice is
+refused as ``too_few_slices``). Runs in a worker thread or process: plain data in, plain data out.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from api import validation
+from api.ingest import dicom
+from api.ingest.errors import unreadable
+from api.ingest.members import MemberSource, MultipartSource, SingleFile, ZipSource
+from api.ingest.nifti import decode_nifti
+from api.ingest.nrrd import decode_nrrd
+from api.ingest.scan import DEFAULT_LIMITS, DecodedScan, DicomInfo, IngestLimits
+from api.ingest.selection import group_series, select_series
+from api.ingest.sniff import (
+    ACCEPTED_DESCRIPTION,
+    MULTIPART_MEDIA_TYPES,
+    SINGLE_FILE_MEDIA_TYPES,
+    content_type_parameter,
+    media_type_of,
+    read_head,
+    sniff_bytes,
+)
+from api.problems import ProblemError
+
+
+def decode_dicom(
+    source: MemberSource, *, series_uid: str | None, limits: IngestLimits, scratch: Path
+) -> DecodedScan:
+    """Headers of all members -> series selection -> header rules -> geometry -> pixels."""
+    headers, skipped = dicom.read_headers(source)
+    if not headers:
+        raise unreadable(
+            "DICOM",
+            f"none of the {source.count()} file(s) is a readable DICOM object"
+            if source.count() > 1
+            else "the file is not a readable DICOM object",
+        )
+    candidates, warnings = group_series(headers)
+    chosen, selection_warnings = select_series(candidates, series_uid)
+    warnings = [*selection_warnings, *warnings]
+    if skipped:
+        warnings.append(
+            ("ignored_files", f"{skipped} file(s) in the upload are not DICOM images and were ignored")
+        )
+    series = chosen.headers
+    first = series[0]
+    info = DicomInfo(
+        series_uid=chosen.series_uid,
+        sop_class_uid=first.sop_class_uid,
+        modality=first.modality,
+        transfer_syntax_uid=first.transfer_syntax,
+        image_type=first.image_type,
+        body_part=first.body_part,
+        study_description=first.study_description,
+        series_description=first.series_description,
+        protocol_name=first.protocol_name,
+        kernel=first.kernel,
+        contrast_agent=first.contrast_agent,
+        kvp=first.kvp,
+        slice_thickness_mm=first.slice_thickness,
+        instances=len({h.sop_instance_uid for h in series}),
+        slices=len(series),
+        multiframe=first.frame is not None,
+        lossy=any(h.lossy for h in series),
+    )
+    # cheapest and most fundamental first: what the series is, then its geometry, then its pixels
+    warnings.extend(validation.check_dicom_header(info))
+    geometry = dicom.series_geometry(series)
+    info = replace(info, tilt_deg=round(geometry.tilt_deg, 3))
+    warnings.extend(dicom.transfer_syntax_warnings(series))
+    if geometry.tilted:
+        warnings.append(
+            (
+                "gantry_tilt",
+                f"acquired with a gantry tilt of {geometry.tilt_deg:.1f} deg; corrected by resampling onto "
+                "an orthogonal grid (in the 1 mm resample of preprocessing)",
+            )
+        )
+    volume = dicom.assemble(source, series, geometry, limits, scratch)
+    spacing = first.pixel_spacing or (0.0, 0.0)
+    return DecodedScan(
+        volume=volume,
+        source_format="dicom",
+        file_shape=volume.shape,
+        file_spacing_mm=(float(spacing[1]), float(spacing[0]), round(geometry.slice_step_mm, 6)),
+        warnings=warnings,
+        dicom=info,
+    )
+
+
+def _decode_single(
+    path: Path, kind: str | None, *, series_uid: str | None, limits: IngestLimits, scratch: Path
+) -> DecodedScan:
+    if kind in ("nifti", "nifti-gz"):
+        scan = decode_nifti(path, gzipped=kind == "nifti-gz", limits=limits)
+    elif kind == "nrrd":
+        scan = decode_nrrd(path, limits)
+    elif kind == "zip":
+        with ZipSource(path, limits) as source:
+            return decode_dicom(source, series_uid=series_uid, limits=limits, scratch=scratch)
+    elif kind == "dicom":
+        return decode_dicom(SingleFile(path), series_uid=series_uid, limits=limits, scratch=scratch)
+    elif kind == "nifti-pair":
+        raise unreadable("NIfTI", "a NIfTI header pair (.hdr/.img) cannot be sent as one file; send a .nii")
+    else:
+        raise ProblemError(
+            400,
+            "unreadable_file",
+            "the body is not a recognised scan (no NIfTI, NRRD, zip or DICOM signature found)",
+            expected=ACCEPTED_DESCRIPTION,
+        )
+    if series_uid is not None:
+        scan.warnings.append(
+            ("series_uid_ignored", f"series_uid applies to DICOM only; {kind} has one volume")
+        )
+    return scan
+
+
+def _decode_multipart(
+    path: Path, content_type: str, *, series_uid: str | None, limits: IngestLimits, scratch: Path
+) -> DecodedScan:
+    boundary = content_type_parameter(content_type, "boundary")
+    if not boundary:
+        raise ProblemError(
+            400,
+            "unreadable_file",
+            "a multipart body needs a boundary parameter in its Content-Type",
+            field="content-type",
+            expected='multipart/form-data; boundary="..."',
+        )
+    with MultipartSource(path, boundary, limits) as source:
+        kinds = [sniff_bytes(*read_head(source.path(i))) for i in range(source.count())]
+        if "dicom" in kinds:
+            return decode_dicom(source, series_uid=series_uid, limits=limits, scratch=scratch)
+        scans = [(i, kind) for i, kind in enumerate(kinds) if kind is not None]
+        if len(scans) != 1:
+            raise ProblemError(
+                400,
+                "unreadable_file",
+                "a multipart body must carry DICOM instances, or exactly one NIfTI / NRRD / zip file"
+                f" (found {len(scans)} scan files)",
+                expected=ACCEPTED_DESCRIPTION,
+            )
+        index, kind = scans[0]
+        return _decode_single(source.path(index), kind, series_uid=series_uid, limits=limits, scratch=scratch)
+
+
+def decode_upload(
+    path: Path,
+    content_type: str,
+    *,
+    series_uid: str | None = None,
+    limits: IngestLimits = DEFAULT_LIMITS,
+) -> DecodedScan:
+    """Decode the spooled upload at `path` (left in place; the caller deletes it).
+
+    Raises:
+        ProblemError: 400 ``unreadable_file``, 413 ``payload_too_large``, 415
+            ``unsupported_media_type`` / ``unsupported_transfer_syntax``, 422 for scans that are
+            readable but not acceptable (codes in `api.validation`, `api.ingest.selection`,
+            `headct.dicom_geometry`).
+    """
+    media_type = media_type_of(content_type)
+    with tempfile.TemporaryDirectory(prefix="headct-scratch-", dir=path.parent) as scratch_dir:
+        scratch = Path(scratch_dir)
+        if media_type in MULTIPART_MEDIA_TYPES:
+            return _decode_multipart(
+                path, content_type, series_uid=series_uid, limits=limits, scratch=scratch
+            )
+        if media_type.startswith("multipart/") or media_type not in SINGLE_FILE_MEDIA_TYPES:
+            raise ProblemError(
+                415,
+                "unsupported_media_type",
+                f"content type {media_type!r} is not accepted",
+                observed=media_type,
+                expected=ACCEPTED_DESCRIPTION,
+            )
+        head, gzipped = read_head(path)
+        return _decode_single(
+            path, sniff_bytes(head, gzipped), series_uid=series_uid, limits=limits, scratch=scratch
+        )

@@ -1,0 +1,538 @@
+"""DICOM CT: headers of every instance in an upload, then the pixels of the chosen series -> `Volume`.
+
+Two passes over the files, so memory stays bounded by the decoded volume:
+
+1. **headers** (`read_headers`): each member is parsed only up to its pixel data and only for a
+   whitelist of tags (`HEADER_TAGS`); an Enhanced / Legacy Enhanced CT multi-frame object becomes one
+   `InstanceHeader` per frame (per-frame functional groups first, shared ones as fallback).
+   Files that are not DICOM (README, DICOMDIR, ``.DS_Store``) are skipped and counted.
+2. **pixels** (`assemble`), for the selected series only: after the geometry checks pass, each
+   slice is decoded (pydicom with the pylibjpeg / pyjpegls plugins: JPEG Lossless, JPEG baseline /
+   extended, JPEG-LS, JPEG 2000, HTJ2K, RLE, deflated, native) and converted to HU with its own
+   RescaleSlope / RescaleIntercept into one preallocated float32 array.
+
+Patient identifiers: PatientName, PatientID, PatientBirthDate and AccessionNumber are read only to
+redact free-text descriptions that contain them (a technologist may type a name into a series
+description); they never leave this module. pydicom's read-time value validation is switched off
+(its warnings can quote values).
+
+Geometry (positions -> affine, spacing/tilt tolerances) is `headct.dicom_geometry`; its docstring
+documents the missing-slice / non-uniform-spacing tolerance and the gantry-tilt decision.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import iter_pixels
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from api.ingest.errors import too_large, unreadable
+from api.ingest.members import MemberSource
+from api.ingest.scan import IngestLimits, ScanWarning
+from api.ingest.sniff import looks_like_dicom
+from api.problems import ProblemError
+from headct.dicom_geometry import GeometryError, StackGeometry, check_same_orientation, stack_geometry
+from headct.volume import Volume
+
+# Read-time validation warnings can quote element values (possibly a patient's); never emit them.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+DICOMDIR_SOP_CLASS: Final = "1.2.840.10008.1.3.10"
+_NATIVE: Final = frozenset(
+    {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+)
+#: Transfer syntaxes whose compression loses information.
+LOSSY_TRANSFER_SYNTAXES: Final = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG extended
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.93",  # JPEG 2000 part 2 multi-component
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+_IDENTIFIER_TAGS: Final = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
+HEADER_TAGS: Final = [
+    "SpecificCharacterSet",
+    "ImageType",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDescription",
+    "SeriesDescription",
+    "Modality",
+    "BodyPartExamined",
+    "ProtocolName",
+    "ContrastBolusAgent",
+    "ContrastBolusAgentSequence",
+    "SliceThickness",
+    "KVP",
+    "ConvolutionKernel",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "AcquisitionNumber",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "FrameOfReferenceUID",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "LossyImageCompression",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    *_IDENTIFIER_TAGS,
+]
+PIXEL_TAGS: Final = [
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "PixelData",
+]
+_REDACTED: Final = "[redacted]"
+#: Tolerance for "the same PixelSpacing" between slices of a series (mm).
+PIXEL_SPACING_TOL_MM: Final = 1e-3
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """One image plane (a single-frame instance, or one frame of a multi-frame one). Plain data."""
+
+    member: int
+    frame: int | None
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    image_type: tuple[str, ...]
+    rows: int | None
+    columns: int | None
+    samples_per_pixel: int
+    pixel_spacing: tuple[float, float] | None
+    iop: tuple[float, ...] | None
+    ipp: tuple[float, float, float] | None
+    slope: float
+    intercept: float
+    number_of_frames: int
+    body_part: str = ""
+    study_description: str = ""
+    series_description: str = ""
+    protocol_name: str = ""
+    kernel: str = ""
+    contrast_agent: str = ""
+    kvp: float | None = None
+    slice_thickness: float | None = None
+    lossy: bool = False
+
+    @property
+    def is_image(self) -> bool:
+        return bool(self.rows) and bool(self.columns)
+
+
+# ---- header pass ---------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        return "\\".join(_text(v) for v in value)
+    return str(value).strip()
+
+
+def _float(value: Any, default: float | None = None) -> float | None:
+    try:
+        if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+            value = value[0]
+        result = float(value)
+    except (TypeError, ValueError, IndexError):
+        return default
+    return result if np.isfinite(result) else default
+
+
+def _floats(value: Any, count: int) -> tuple[float, ...] | None:
+    try:
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == count else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _words(text: str) -> list[str]:
+    return [word for word in re.split(r"[^0-9A-Z]+", text.upper()) if word]
+
+
+def _identifier_words(ds: Dataset) -> set[str]:
+    """Words (>= 3 characters) of the patient identifiers, to redact descriptions that quote them."""
+    words: set[str] = set()
+    for keyword in _IDENTIFIER_TAGS:
+        text = _text(ds.get(keyword))
+        words.update(word for word in _words(text) if len(word) >= 3)
+        compact = re.sub(r"[^0-9A-Z]+", "", text.upper())
+        if len(compact) >= 3:
+            words.add(compact)
+    return words
+
+
+def _redact(text: str, identifiers: set[str]) -> str:
+    """`text` (at most 64 characters), or "[redacted]" when a word of it is a patient identifier."""
+    words = set(_words(text))
+    compact = re.sub(r"[^0-9A-Z]+", "", text.upper())
+    if words & identifiers or any(len(word) >= 6 and word in compact for word in identifiers):
+        return _REDACTED
+    return text[:64]
+
+
+def _first(item: Dataset | None, sequence: str) -> Dataset | None:
+    if item is None:
+        return None
+    seq = item.get(sequence)
+    return seq[0] if seq else None
+
+
+def _group(per_frame: Dataset | None, shared: Dataset | None, sequence: str) -> Dataset | None:
+    """A functional-group macro of one frame: the per-frame one, else the shared one."""
+    return _first(per_frame, sequence) or _first(shared, sequence)
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid:
+        return str(uid)
+    implicit, little = ds.original_encoding
+    if implicit:
+        return str(ImplicitVRLittleEndian)
+    return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _headers_of(ds: Dataset, member: int, identifiers: set[str]) -> list[InstanceHeader]:
+    transfer_syntax = _transfer_syntax(ds)
+    agent = _text(ds.get("ContrastBolusAgent"))
+    if not agent and ds.get("ContrastBolusAgentSequence"):
+        agent = "CONTRAST AGENT SEQUENCE"
+    base = InstanceHeader(
+        member=member,
+        frame=None,
+        transfer_syntax=transfer_syntax,
+        sop_class_uid=_text(ds.get("SOPClassUID")),
+        sop_instance_uid=_text(ds.get("SOPInstanceUID")),
+        series_uid=_text(ds.get("SeriesInstanceUID")),
+        study_uid=_text(ds.get("StudyInstanceUID")),
+        frame_of_reference_uid=_text(ds.get("FrameOfReferenceUID")),
+        modality=_text(ds.get("Modality")).upper(),
+        image_type=tuple(v.strip().upper() for v in _text(ds.get("ImageType")).split("\\") if v.strip()),
+        rows=_int(ds.get("Rows")),
+        columns=_int(ds.get("Columns")),
+        samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        iop=_floats(ds.get("ImageOrientationPatient"), 6),
+        ipp=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        slope=_float(ds.get("RescaleSlope"), 1.0) or 1.0,
+        intercept=_float(ds.get("RescaleIntercept"), 0.0) or 0.0,
+        number_of_frames=_int(ds.get("NumberOfFrames")) or 1,
+        body_part=_text(ds.get("BodyPartExamined"))[:16],
+        study_description=_redact(_text(ds.get("StudyDescription")), identifiers),
+        series_description=_redact(_text(ds.get("SeriesDescription")), identifiers),
+        protocol_name=_redact(_text(ds.get("ProtocolName")), identifiers),
+        kernel=_text(ds.get("ConvolutionKernel"))[:32],
+        contrast_agent=_redact(agent, identifiers),
+        kvp=_float(ds.get("KVP")),
+        slice_thickness=_float(ds.get("SliceThickness")),
+        lossy=transfer_syntax in LOSSY_TRANSFER_SYNTAXES or _text(ds.get("LossyImageCompression")) == "01",
+    )
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        return [base]
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    headers = []
+    for index, frame in enumerate(per_frame):
+        measures = _group(frame, shared, "PixelMeasuresSequence")
+        orientation = _group(frame, shared, "PlaneOrientationSequence")
+        position = _group(frame, shared, "PlanePositionSequence")
+        rescale = _group(frame, shared, "PixelValueTransformationSequence")
+        frame_type = _group(frame, shared, "CTImageFrameTypeSequence")
+        headers.append(
+            replace(
+                base,
+                frame=index,
+                pixel_spacing=_floats(measures.get("PixelSpacing"), 2) if measures else None,  # type: ignore[arg-type]
+                slice_thickness=_float(measures.get("SliceThickness")) if measures else None,
+                iop=_floats(orientation.get("ImageOrientationPatient"), 6) if orientation else None,
+                ipp=_floats(position.get("ImagePositionPatient"), 3) if position else None,  # type: ignore[arg-type]
+                slope=(_float(rescale.get("RescaleSlope"), 1.0) or 1.0) if rescale else base.slope,
+                intercept=(_float(rescale.get("RescaleIntercept"), 0.0) or 0.0)
+                if rescale
+                else base.intercept,
+                image_type=tuple(
+                    v.strip().upper() for v in _text(frame_type.get("FrameType")).split("\\") if v.strip()
+                )
+                if frame_type
+                else base.image_type,
+            )
+        )
+    return headers
+
+
+def read_headers(source: MemberSource) -> tuple[list[InstanceHeader], int]:
+    """Headers of every DICOM image plane in `source`, and how many members were skipped."""
+    headers: list[InstanceHeader] = []
+    skipped = 0
+    for member in range(source.count()):
+        head = source.head(member, 132)
+        if not looks_like_dicom(head):
+            skipped += 1
+            continue
+        try:
+            with source.open(member) as handle:
+                ds = pydicom.dcmread(
+                    handle, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=head[128:132] != b"DICM"
+                )
+        except ProblemError:
+            raise
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+            skipped += 1
+            continue
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+            skipped += 1
+            continue
+        if "SOPClassUID" not in ds:
+            skipped += 1
+            continue
+        try:
+            headers.extend(_headers_of(ds, member, _identifier_words(ds)))
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+            skipped += 1
+    return headers, skipped
+
+
+# ---- pixel pass ----------------------------------------------------------------------------------
+
+
+def check_transfer_syntax(uid: str) -> None:
+    """Refuse (415 ``unsupported_transfer_syntax``) pixel data this gateway cannot decode."""
+    if UID(uid) in _NATIVE:
+        return
+    try:
+        decoder = get_decoder(UID(uid))
+    except NotImplementedError:
+        available = False
+    else:
+        available = decoder.is_available
+    if not available:
+        raise ProblemError(
+            415,
+            "unsupported_transfer_syntax",
+            f"pixel data in transfer syntax {UID(uid).name} cannot be decoded here",
+            field="TransferSyntaxUID",
+            observed=uid,
+            expected="native (implicit/explicit VR), deflated, RLE, JPEG (baseline, extended, lossless), "
+            "JPEG-LS, JPEG 2000 or HTJ2K",
+        )
+
+
+def _problem(error: GeometryError) -> ProblemError:
+    return ProblemError(
+        422, error.code, error.detail, field=error.field, observed=error.observed, expected=error.expected
+    )
+
+
+def _mixed(detail: str, field: str, observed: Any) -> ProblemError:
+    return ProblemError(
+        422,
+        "mixed_series",
+        detail,
+        field=field,
+        observed=observed,
+        expected="every instance of the series from one image stack",
+    )
+
+
+def _missing_geometry(field: str, count: int) -> ProblemError:
+    return ProblemError(
+        422,
+        "missing_geometry",
+        f"{count} slice(s) lack {field}; the volume cannot be placed in patient space",
+        field=field,
+        observed=f"{count} slices without it",
+        expected=f"{field} on every slice",
+    )
+
+
+def dedupe(headers: Iterable[InstanceHeader]) -> tuple[list[InstanceHeader], int]:
+    """Drop repeated copies of the same instance (frame); return the rest and how many were dropped."""
+    seen: set[tuple[str, int | None]] = set()
+    unique = []
+    dropped = 0
+    for header in headers:
+        key = (header.sop_instance_uid, header.frame)
+        if header.sop_instance_uid and key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        unique.append(header)
+    return unique, dropped
+
+
+def series_geometry(headers: list[InstanceHeader]) -> StackGeometry:
+    """Consistency and geometry checks of one series' planes (no pixel data read)."""
+    first = headers[0]
+    sizes = sorted({(h.rows, h.columns) for h in headers}, key=str)
+    if len(sizes) > 1:
+        raise _mixed(
+            "the series mixes images of different sizes", "Rows/Columns", [list(s) for s in sizes[:5]]
+        )
+    for field, values in (
+        ("StudyInstanceUID", {h.study_uid for h in headers}),
+        ("FrameOfReferenceUID", {h.frame_of_reference_uid for h in headers}),
+    ):
+        if len(values) > 1:
+            raise _mixed(f"the series mixes instances with different {field}", field, f"{len(values)} values")
+    for field, attribute in (
+        ("ImageOrientationPatient", "iop"),
+        ("ImagePositionPatient", "ipp"),
+        ("PixelSpacing", "pixel_spacing"),
+    ):
+        missing = sum(1 for h in headers if getattr(h, attribute) is None)
+        if missing:
+            raise _missing_geometry(field, missing)
+    spacings = np.asarray([h.pixel_spacing for h in headers], dtype=np.float64)
+    if float(np.ptp(spacings, axis=0).max()) > PIXEL_SPACING_TOL_MM:
+        raise _mixed(
+            "the series mixes images with different PixelSpacing",
+            "PixelSpacing",
+            [[round(float(v), 4) for v in row] for row in np.unique(np.round(spacings, 4), axis=0)[:5]],
+        )
+    try:
+        iop = check_same_orientation([h.iop for h in headers])  # type: ignore[misc]
+        return stack_geometry([h.ipp for h in headers], iop, first.pixel_spacing)  # type: ignore[arg-type,misc]
+    except GeometryError as error:
+        raise _problem(error) from error
+
+
+def _read_pixels(handle: Any, frames: list[int] | None) -> Iterable[np.ndarray]:
+    """Stored pixel values of a single-frame instance, or of the listed frames of a multi-frame one.
+
+    Frames of a Part 10 file are decoded one at a time straight from the (seekable) file, so a large
+    multi-frame object never sits in memory whole.
+    """
+    if frames is not None:
+        handle.seek(128)
+        part10 = handle.read(4) == b"DICM"
+        handle.seek(0)
+        if part10:
+            yield from iter_pixels(handle, indices=frames)
+            return
+    ds = pydicom.dcmread(handle, specific_tags=PIXEL_TAGS, force=True)
+    if "PixelData" not in ds:
+        raise unreadable("DICOM", "an instance of the series has no pixel data")
+    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+        meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        meta.TransferSyntaxUID = _transfer_syntax(ds)
+        ds.file_meta = meta
+    if frames is None:
+        yield ds.pixel_array
+        return
+    yield from iter_pixels(ds, indices=frames)
+
+
+def assemble(
+    source: MemberSource,
+    headers: list[InstanceHeader],
+    geometry: StackGeometry,
+    limits: IngestLimits,
+    scratch: Path,
+) -> Volume:
+    """Decode the series' pixels into a float32 HU `Volume` laid out by `geometry`."""
+    first = headers[0]
+    rows, columns = int(first.rows or 0), int(first.columns or 0)
+    n = len(headers)
+    if rows * columns * n > limits.max_voxels:
+        raise too_large((columns, rows, n), limits.max_voxels)
+    for uid in sorted({h.transfer_syntax for h in headers}):
+        check_transfer_syntax(uid)
+    if any(h.samples_per_pixel != 1 for h in headers):
+        raise unreadable("DICOM", "colour (SamplesPerPixel > 1) images are not CT")
+    slot = {index: k for k, index in enumerate(geometry.order)}
+    stack = np.empty((n, rows, columns), dtype=np.float32)
+    by_member: dict[int, list[int]] = defaultdict(list)
+    for index, header in enumerate(headers):
+        by_member[header.member].append(index)
+    try:
+        for member, indices in sorted(by_member.items()):
+            frames = (
+                None if headers[indices[0]].frame is None else sorted(indices, key=lambda i: headers[i].frame)
+            )
+            frame_numbers = None if frames is None else [int(headers[i].frame) for i in frames]  # type: ignore[arg-type]
+            targets = indices if frames is None else frames
+            with source.seekable(member, scratch) as handle:
+                for index, pixels in zip(targets, _read_pixels(handle, frame_numbers), strict=True):
+                    if pixels.shape != (rows, columns):
+                        raise unreadable("DICOM", f"decoded pixel data has shape {pixels.shape}")
+                    header = headers[index]
+                    target = stack[slot[index]]
+                    np.multiply(pixels, np.float32(header.slope), out=target, casting="unsafe")
+                    target += np.float32(header.intercept)
+    except ProblemError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as error:  # a decoder failing on corrupt or truncated pixel data
+        raise unreadable("DICOM pixel", error) from error
+    # (slices, rows, columns) -> (columns, rows, slices): axis 0 along the row cosine. A transposed
+    # view, Fortran-contiguous like the arrays nibabel returns for NIfTI; no copy.
+    return Volume(hu=np.transpose(stack, (2, 1, 0)), affine=geometry.affine)
+
+
+def transfer_syntax_warnings(headers: list[InstanceHeader]) -> list[ScanWarning]:
+    if any(h.lossy for h in headers):
+        return [
+            (
+                "lossy_compression",
+                "the pixel data went through lossy compression; small, faint findings may be affected",
+            )
+        ]
+    return []

@@ -1,0 +1,92 @@
+"""NIfTI-1 / NIfTI-2 single files (.nii, .nii.gz), read with nibabel.
+
+nibabel applies scl_slope / scl_inter and chooses the affine the file means (the sform when its
+code is set, else the qform, else a voxel-size-only default), exactly as MONAI's ``LoadImage`` does
+in the FM-HCT training pipeline. A file with neither sform nor qform gets a ``no_orientation``
+warning: its left-right / anterior-posterior directions are a guess. Values are taken as HU (NIfTI
+has no modality tag; validation checks that they look like HU).
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.fileholders import FileHolder
+
+from api.ingest.errors import not_3d, too_large, unreadable
+from api.ingest.scan import DecodedScan, IngestLimits, ScanWarning
+from api.problems import ProblemError
+from headct.volume import Volume
+
+
+def squeeze_to_3d(data_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The 3-D shape a file's array is read as (trailing axes of size 1 dropped), or raise ``not_3d``."""
+    shape = tuple(int(s) for s in data_shape)
+    spatial = shape
+    while len(spatial) > 3 and spatial[-1] == 1:
+        spatial = spatial[:-1]
+    if len(spatial) != 3:
+        raise not_3d(shape)
+    return spatial
+
+
+def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan:
+    """Decode one NIfTI file from disk (gzip streamed, never fully in memory as bytes)."""
+    opener = gzip.open if gzipped else open
+    warnings: list[ScanWarning] = []
+    try:
+        with opener(path, "rb") as handle:
+            sizeof_hdr = int.from_bytes(handle.read(4), "little")
+            if sizeof_hdr not in (348, 540):
+                sizeof_hdr = int.from_bytes(sizeof_hdr.to_bytes(4, "little"), "big")
+            handle.seek(0)
+            klass = nib.Nifti2Image if sizeof_hdr == 540 else nib.Nifti1Image
+            # mmap=False: the voxels must not stay mapped to the upload file, which is deleted (or
+            # overwritten) right after decoding.
+            image = klass.from_file_map({"image": FileHolder(fileobj=handle)}, mmap=False)
+            file_shape = tuple(int(s) for s in image.shape)
+            spatial = squeeze_to_3d(file_shape)
+            voxels = int(np.prod(spatial, dtype=np.int64))
+            if voxels > limits.max_voxels:
+                raise too_large(spatial, limits.max_voxels)
+            data = np.array(image.dataobj, dtype=np.float32, copy=True).reshape(spatial, order="A")
+            affine = np.asarray(image.affine, dtype=np.float64)
+            header = image.header
+            zooms = tuple(float(z) for z in header.get_zooms()[:3])
+            sform_code = int(header["sform_code"])
+            qform_code = int(header["qform_code"])
+    except ProblemError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as error:  # any parser failure on untrusted bytes is "unreadable"
+        raise unreadable("NIfTI", error) from error
+    if sform_code == 0 and qform_code == 0:
+        warnings.append(
+            (
+                "no_orientation",
+                "the NIfTI header sets neither sform nor qform: the patient orientation is unknown and "
+                "nibabel's default was assumed; left-right may be flipped",
+            )
+        )
+    try:
+        volume = Volume(hu=data, affine=affine)
+    except ValueError as error:  # singular or non-finite affine: no usable geometry
+        raise ProblemError(
+            422,
+            "bad_spacing",
+            f"the file's voxel geometry is unusable: {error}",
+            field="affine",
+            observed=[round(z, 4) for z in zooms],
+            expected="positive finite voxel sizes",
+        ) from error
+    return DecodedScan(
+        volume=volume,
+        source_format="nifti",
+        file_shape=file_shape,
+        file_spacing_mm=zooms,
+        warnings=warnings,
+    )

@@ -1,0 +1,1 @@
+"""Helm chart tooling: `python -m helm.check` (make chart-check). The chart itself is helm/headct/."""
