@@ -21,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from api import metrics
+from api.grpc_interceptors import interceptors
 from api.prediction import PredictionService
 from api.problems import ProblemError
 from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
@@ -64,6 +65,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: ProblemError, request
             ("headct-problem-http-status", str(error.status)),
             ("headct-problem-bin", problem.encode()),
             ("x-request-id", request_id),
+            *((("retry-after", value),) if (value := error.headers.get("Retry-After")) else ()),
         )
     )
     await context.abort(grpc_status(error.status), f"{error.code}: {error.detail}")
@@ -140,18 +142,19 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
         request_id = _request_id(options.request_id or str(metadata.get("x-request-id", "")))
         context.set_trailing_metadata((("x-request-id", request_id),))
         status = "OK"
-        metrics.INFLIGHT.inc()
         spool = _Spool(self.settings.max_upload_bytes, self.settings.spool_dir)
         try:
             extras = ["embedding"] if options.include_embedding else []
             check_includes(extras)
             card = await self.service.model.card()
             selected = select_tasks(card, list(options.tasks))
-            async for data in chunks:
-                spool.write(data)
-            prediction = await self.service.predict(
-                spool.finish(), options.content_type, series_uid=options.series_uid or None
-            )
+            # Same admission as REST: RESOURCE_EXHAUSTED gateway_busy, UNAVAILABLE shutting_down.
+            with self.service.admission.enter():
+                async for data in chunks:
+                    spool.write(data)
+                prediction = await self.service.predict(
+                    spool.finish(), options.content_type, series_uid=options.series_uid or None
+                )
             response = build_predict_response(
                 prediction,
                 selected=selected,
@@ -166,7 +169,6 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
             raise  # unreachable: abort raises
         finally:
             spool.discard()
-            metrics.INFLIGHT.dec()
             metrics.REQUESTS.labels(route=route, status=status).inc()
             metrics.REQUEST_DURATION.labels(route=route).observe(time.perf_counter() - started_at)
 
@@ -233,7 +235,9 @@ class GrpcGateway:
     def __init__(self, service: PredictionService, settings: Settings) -> None:
         limit = settings.max_upload_bytes + (1 << 20)  # room for the options around the scan bytes
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 24)]
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 24)],
+            # API keys, the per-key limit and the outcome log line, as for REST (api/grpc_interceptors.py).
+            interceptors=interceptors(settings, SERVICE_NAME, abort=_abort, request_id=_request_id),
         )
         self.service = service
         self.health = HealthServicer()

@@ -10,11 +10,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api import metrics
+from api.access_log import AccessLogMiddleware
+from api.auth import KEY_LIMIT_RESPONSE, UNAUTHORIZED_RESPONSE, predict_slot, require_api_key
 from api.grpc_server import GrpcGateway
+from api.lifecycle import Lifecycle
+from api.logging_config import configure_logging
 from api.prediction import PredictionService
 from api.problems import install_problem_handlers
 from api.routers import health, models, predict
@@ -36,6 +40,7 @@ def _request_id(request: Request) -> str:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,17 +53,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.settings = settings
         app.state.model = model
-        service = PredictionService(model, settings.preprocess_concurrency)
+        service = PredictionService(model, settings)
         app.state.prediction_service = service
+        await service.start()  # the preprocessing processes (api/workers.py)
         grpc_gateway = GrpcGateway(service, settings) if settings.grpc_enabled else None
         if grpc_gateway is not None:
             await grpc_gateway.start()
+        # SIGTERM: stop admitting, readiness off, wait for in-flight, then uvicorn exits (api/lifecycle.py).
+        lifecycle = Lifecycle(
+            service.admission,
+            grace_s=settings.shutdown_grace_s,
+            delay_s=settings.shutdown_delay_s,
+            on_drain=[grpc_gateway.health.enter_graceful_shutdown] if grpc_gateway is not None else [],
+        )
+        app.state.lifecycle = lifecycle
+        lifecycle.install()
         try:
             yield
         finally:
+            lifecycle.uninstall()
             if grpc_gateway is not None:
-                await grpc_gateway.stop(settings.shutdown_grace_s)
+                await grpc_gateway.stop(lifecycle.remaining_s())
+            await service.close()
             await model.close()
+            metrics.mark_process_dead()
 
     app = FastAPI(
         title="HeadCT-Serve",
@@ -78,14 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Response:
         request.state.request_id = _request_id(request)
         request.state.started_at = time.perf_counter()
-        predicting = request.url.path == "/v1/predict"
-        if predicting:
-            metrics.INFLIGHT.inc()
-        try:
-            response = await call_next(request)
-        finally:
-            if predicting:
-                metrics.INFLIGHT.dec()
+        response = await call_next(request)
         response.headers[REQUEST_ID_HEADER] = request.state.request_id
         # Label by route template, never by raw path, so scanners cannot blow up label cardinality.
         route = getattr(request.scope.get("route"), "path", "unmatched")
@@ -98,11 +109,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(health.router)
-    app.include_router(models.router)
-    app.include_router(predict.router)
+    # API keys (when configured) guard the /v1 routes only: probes and /metrics stay open.
+    app.include_router(
+        models.router, dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED_RESPONSE
+    )
+    app.include_router(
+        predict.router,
+        dependencies=[Depends(predict_slot)],
+        responses={**UNAUTHORIZED_RESPONSE, **KEY_LIMIT_RESPONSE},
+    )
+    # Added last = outermost: it sees the final status, also of requests that raise.
+    app.add_middleware(AccessLogMiddleware)
     return app
 
 

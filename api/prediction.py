@@ -1,85 +1,170 @@
-"""One prediction from an uploaded file: decode → validate → preprocess (worker thread) → Triton."""
+"""One prediction from an uploaded file: admission → decode → validate → preprocess (process pool) →
+micro-batched Triton call, all under one deadline.
+
+Stages and their timings (``timings_ms`` and ``headct_stage_duration_seconds``):
+
+- ``queue``: waiting for an in-flight slot (api/admission.py);
+- ``decode``, ``validate``, ``preprocess``: measured inside the worker process (api/workers.py) and
+  observed here, in the gateway process, so the metrics are those the gateway exports;
+- ``infer``: waiting for the batch and the Triton call (api/batching.py).
+
+The deadline (`request_timeout_s`) starts once the upload is spooled; at it the caller gets 504
+``deadline_exceeded``, and what is left of it is the Triton call's gRPC timeout.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anyio
 import numpy as np
 
 from api import metrics
+from api.admission import Admission
+from api.batching import MicroBatcher, deadline_exceeded
 from api.ingest import DecodedScan, decode_upload
+from api.ingest.scan import IngestLimits
 from api.problems import ProblemError
-from api.triton import InferenceResult, TritonModel
+from api.settings import Settings, ingest_limits
 from api.validation import validate
-from headct.model_card import ModelCard
+from api.workers import PreprocessPool
 from headct.preprocess import PreprocessingError, preprocess
+from headct.volume import Volume
+
+if TYPE_CHECKING:
+    from api.triton import TritonModel
+    from headct.model_card import ModelCard
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    probabilities: np.ndarray  # float32 [N tasks], in model-card task order
+    embedding: np.ndarray  # float32 [D]
 
 
 @dataclass
 class Prediction:
     card: ModelCard
-    scan: DecodedScan
+    scan: DecodedScan  # its `volume` is a placeholder: the voxels stayed in the worker
     result: InferenceResult
     warnings: list[tuple[str, str]]
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class _Stopwatch:
-    def __init__(self) -> None:
-        self.timings_ms: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        seconds = now - self._last
-        self._last = now
-        self.timings_ms[stage] = round(seconds * 1000.0, 3)
-        metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
+def _without_voxels(scan: DecodedScan) -> DecodedScan:
+    """The scan's metadata for the response, without the (up to 1 GiB) volume: cheap to send back."""
+    return dataclasses.replace(
+        scan, volume=Volume(hu=np.zeros((1, 1, 1), np.float32), affine=np.asarray(scan.volume.affine))
+    )
 
 
 def _prepare(
-    upload: Path, content_type: str, series_uid: str | None, watch: _Stopwatch
-) -> tuple[DecodedScan, np.ndarray, list]:
-    scan = decode_upload(upload, content_type, series_uid=series_uid)
-    watch.lap("decode")
+    upload: str, content_type: str, series_uid: str | None, limits: IngestLimits | None = None
+) -> tuple[DecodedScan, np.ndarray, list[tuple[str, str]], dict[str, float]]:
+    """Runs in a preprocessing worker: the upload's path → (scan metadata, fp16 tensor, warnings,
+    seconds per stage). Raises ProblemError (pickled back to the gateway)."""
+    seconds: dict[str, float] = {}
+    last = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        seconds[stage] = now - last
+        last = now
+
+    if limits is None:
+        scan = decode_upload(Path(upload), content_type, series_uid=series_uid)
+    else:
+        scan = decode_upload(Path(upload), content_type, series_uid=series_uid, limits=limits)
+    lap("decode")
     warnings = validate(scan)
-    watch.lap("validate")
+    lap("validate")
     try:
         image = preprocess(scan.volume)
     except PreprocessingError as error:
-        raise ProblemError(422, error.code, str(error)) from error
-    watch.lap("preprocess")
-    return scan, image, warnings
+        raise ProblemError(422, error.code, str(error)) from None
+    lap("preprocess")
+    return _without_voxels(scan), np.ascontiguousarray(image, dtype=np.float16), warnings, seconds
 
 
 class PredictionService:
-    """Owns the CPU-bound stages' concurrency limit and the call to Triton."""
+    """Owns the preprocessing pool, admission, the micro-batcher and the deadline of each prediction."""
 
-    def __init__(self, model: TritonModel, preprocess_concurrency: int) -> None:
+    def __init__(self, model: TritonModel, settings: Settings) -> None:
         self.model = model
-        self._cpu_slots = anyio.CapacityLimiter(preprocess_concurrency)
+        self.settings = settings
+        self.limits = ingest_limits(settings)
+        self.admission = Admission(
+            settings.max_inflight,
+            settings.max_queue,
+            busy_retry_after_s=settings.busy_retry_after_s,
+            shutdown_retry_after_s=settings.retry_after_s,
+        )
+        self.pool = PreprocessPool(
+            settings.preprocess_workers,
+            retry_after_s=settings.retry_after_s,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+        )
+        self.batcher = MicroBatcher(
+            self._infer_batch,
+            max_size=settings.batch_max_size,
+            max_delay_s=settings.batch_max_delay_ms / 1000.0,
+            enabled=settings.batching_enabled,
+        )
+        self._batch_limit_checked = False
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.pool.shutdown()
+
+    async def _infer_batch(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+        return await self.model.infer_batch(batch, timeout_s)
+
+    def _limit_batch_size(self, card: ModelCard) -> None:
+        """Never send Triton more scans at once than the model accepts (its config's max_batch_size)."""
+        if not self._batch_limit_checked:
+            self._batch_limit_checked = True
+            limit = getattr(self.model, "max_batch_size", None) or card.max_batch_size
+            if limit and limit < self.batcher.max_size:
+                self.batcher.max_size = limit
 
     async def predict(self, upload: Path, content_type: str, *, series_uid: str | None = None) -> Prediction:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
         if not await self.model.is_ready():
             raise self.model.unavailable("the model is not ready yet")
         card = await self.model.card()
-        watch = _Stopwatch()
-        metrics.QUEUE_DEPTH.inc()
+        self._limit_batch_size(card)
+        timings_ms: dict[str, float] = {}
+
+        def observe(stage: str, seconds: float) -> None:
+            timings_ms[stage] = round(seconds * 1000.0, 3)
+            metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
+
         try:
-            await self._cpu_slots.acquire()
-        finally:
-            metrics.QUEUE_DEPTH.dec()
-        watch.lap("queue")
-        try:
-            # Decoding and resampling are CPU-bound: never on the event loop.
-            scan, image, warnings = await anyio.to_thread.run_sync(
-                _prepare, upload, content_type, series_uid, watch
-            )
-        finally:
-            self._cpu_slots.release()
-        result = await self.model.infer(image)
-        watch.lap("infer")
-        return Prediction(card=card, scan=scan, result=result, warnings=warnings, timings_ms=watch.timings_ms)
+            async with asyncio.timeout_at(deadline):
+                started = time.perf_counter()
+                async with self.admission.slot():
+                    observe("queue", time.perf_counter() - started)
+                    scan, image, warnings, seconds = await self.pool.run(
+                        _prepare, str(upload), content_type, series_uid, self.limits
+                    )
+                    for stage, value in seconds.items():
+                        observe(stage, value)
+                    started = time.perf_counter()
+                    probabilities, embedding = await self.batcher.submit(image, deadline)
+                    observe("infer", time.perf_counter() - started)
+        except TimeoutError:
+            raise deadline_exceeded(
+                f"no answer within the {self.settings.request_timeout_s:g} s request deadline"
+            ) from None
+        result = InferenceResult(probabilities=probabilities, embedding=embedding)
+        return Prediction(card=card, scan=scan, result=result, warnings=warnings, timings_ms=timings_ms)

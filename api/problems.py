@@ -55,6 +55,18 @@ class ProblemError(Exception):
         self.expected = expected
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses process boundaries (preprocessing runs in a process pool): rebuild from the fields,
+        # not from `args`, which hold only the detail.
+        keywords = {
+            "title": self.title,
+            "field": self.field,
+            "observed": self.observed,
+            "expected": self.expected,
+            "headers": self.headers,
+        }
+        return (_rebuild_problem, (self.status, self.code, self.detail, keywords))
+
     def to_problem(self, request_id: str | None) -> Problem:
         return Problem(
             type=f"urn:headct:problem:{self.code}",
@@ -69,8 +81,13 @@ class ProblemError(Exception):
         )
 
 
+def _rebuild_problem(status: int, code: str, detail: str, keywords: dict[str, Any]) -> ProblemError:
+    return ProblemError(status, code, detail, **keywords)
+
+
 def problem_response(error: ProblemError, request: Request) -> JSONResponse:
     metrics.REJECTIONS.labels(code=error.code).inc()
+    request.state.problem_code = error.code  # for the access log line
     request_id = getattr(request.state, "request_id", None)
     body = error.to_problem(request_id).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=error.status, media_type=PROBLEM_MEDIA_TYPE, headers=error.headers)

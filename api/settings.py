@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.ingest.scan import IngestLimits
 from headct import contract
+
+
+def _default_preprocess_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (cpusets), not the host's
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
 
 
 class Settings(BaseSettings):
@@ -17,7 +28,12 @@ class Settings(BaseSettings):
     port: int = 8080
     grpc_enabled: bool = True
     grpc_port: int = 50051
-    shutdown_grace_s: float = Field(default=20.0, ge=0, description="in-flight gRPC calls get this long")
+    shutdown_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="on SIGTERM: stop admitting, let in-flight REST and gRPC predictions finish, "
+        "exit within this",
+    )
 
     triton_grpc_url: str = "127.0.0.1:8001"
     model_name: str = contract.DEFAULT_MODEL_NAME
@@ -26,12 +42,79 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(default=1 << 30, gt=0, description="larger bodies get 413")
     spool_dir: str | None = Field(default=None, description="where uploads are spooled; default: system temp")
-    preprocess_concurrency: int = Field(
-        default=2, ge=1, description="scans decoded/preprocessed at once (CPU-bound; size to cores)"
-    )
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 while not ready")
+
+    # Inference path (api/prediction.py, api/workers.py, api/admission.py, api/batching.py).
+    preprocess_workers: int = Field(
+        default_factory=_default_preprocess_workers,
+        # HEADCT_PREPROCESS_CONCURRENCY: the name before the process pool, still honoured.
+        validation_alias=AliasChoices(
+            "preprocess_workers", "HEADCT_PREPROCESS_WORKERS", "HEADCT_PREPROCESS_CONCURRENCY"
+        ),
+        ge=0,
+        description="processes that decode/validate/preprocess scans (CPU-bound); default: CPU count, "
+        "at most 8; 0 = a thread in the gateway process (tests, debugging)",
+    )
+    max_inflight: int = Field(
+        default=16, ge=1, description="predictions being preprocessed or inferred at once per gateway process"
+    )
+    max_queue: int = Field(
+        default=64, ge=0, description="predictions waiting for an in-flight slot; beyond it: 429 gateway_busy"
+    )
+    busy_retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 gateway_busy")
+    request_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="deadline per prediction covering queue + preprocessing + inference (after the upload "
+        "is received); 504 deadline_exceeded, and what is left of it is Triton's gRPC timeout",
+    )
+    batching_enabled: bool = Field(
+        default=True, description="gateway micro-batching: one Triton call for scans ready at the same time"
+    )
+    batch_max_size: int = Field(
+        default=8, ge=1, description="scans per Triton call (capped by the model's max_batch_size)"
+    )
+    batch_max_delay_ms: float = Field(
+        default=5.0, ge=0, description="how long the first scan of a batch waits for others"
+    )
+
+    # Lifecycle (api/lifecycle.py, api/__main__.py).
+    shutdown_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="after SIGTERM keep listening (readyz 503) at least this long, so load balancers "
+        "stop routing here before the listener closes; counted within the grace period",
+    )
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes for `python -m api`")
+
+    # API keys (api/auth.py). No key configured at all = the API is open.
+    api_keys: str = Field(default="", repr=False, description="comma-separated API keys")
+    api_keys_file: str | None = Field(default=None, description="file with one API key per line, # comments")
+    per_key_concurrency: int = Field(default=0, ge=0, description="predictions at once per key; 0 = none")
+
+    # Structured logs (api/logging_config.py).
+    log_level: str = Field(default="INFO", description="root log level")
+    log_format: Literal["json", "text"] = "json"
+
+    # Upload limits (api/ingest/scan.py IngestLimits); see `ingest_limits`.
+    max_archive_members: int = Field(default=5000, ge=1, description="zip entries / multipart parts")
+    max_uncompressed_bytes: int = Field(default=4 << 30, ge=1, description="sum of zip entry sizes")
+    max_member_bytes: int = Field(default=2 << 30, ge=1, description="one zip entry / multipart part")
+    max_compression_ratio: float = Field(default=250.0, gt=1, description="zip inflation bound")
+    max_voxels: int = Field(default=1 << 28, ge=1, description="voxels of the decoded volume")
 
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def ingest_limits(settings: Settings) -> IngestLimits:
+    """The decoders' bounds from the settings; pass the result as `decode_upload(..., limits=...)`."""
+    return IngestLimits(
+        max_members=settings.max_archive_members,
+        max_uncompressed_bytes=settings.max_uncompressed_bytes,
+        max_member_bytes=settings.max_member_bytes,
+        max_compression_ratio=settings.max_compression_ratio,
+        max_voxels=settings.max_voxels,
+    )

@@ -23,6 +23,8 @@ documents the missing-slice / non-uniform-spacing tolerance and the gantry-tilt 
 from __future__ import annotations
 
 import re
+import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -318,6 +320,15 @@ def _headers_of(ds: Dataset, member: int, identifiers: set[str]) -> list[Instanc
 
 def read_headers(source: MemberSource) -> tuple[list[InstanceHeader], int]:
     """Headers of every DICOM image plane in `source`, and how many members were skipped."""
+    try:
+        return _read_headers(source)
+    except (zipfile.BadZipFile, zlib.error) as error:
+        # A zip member's deflate stream or CRC is corrupt: zipfile raises these while the member is
+        # *read*, not when it is opened; the archive itself is broken (400, never a 500).
+        raise unreadable("zip", error) from error
+
+
+def _read_headers(source: MemberSource) -> tuple[list[InstanceHeader], int]:
     headers: list[InstanceHeader] = []
     skipped = 0
     for member in range(source.count()):

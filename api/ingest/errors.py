@@ -15,8 +15,13 @@ from api.problems import ProblemError
 
 def _clean(message: str) -> str:
     """A library's error message without file system paths (the spool file's name means nothing to a
-    client), cut to 160 characters."""
-    return re.sub(r"(?:/[\w.+-]+)+", "<file>", message)[:160]
+    client) and without quoted values, cut to 160 characters.
+
+    Parsers quote the text they choke on (pynrrd: ``could not convert string to float: 'DOE'``):
+    that is the upload's own content, which may be anything, a patient's name included.
+    """
+    message = re.sub(r"(?:/[\w.+-]+)+", "<file>", message)
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "<value>", message)[:160]
 
 
 def unreadable(kind: str, error: BaseException | str) -> ProblemError:
@@ -46,7 +51,7 @@ def too_large(shape: Sequence[int], max_voxels: int) -> ProblemError:
     )
 
 
-def payload_too_large(what: str, observed: int, limit: int) -> ProblemError:
+def payload_too_large(what: str, observed: float | str, limit: float) -> ProblemError:
     return ProblemError(
         413,
         "payload_too_large",

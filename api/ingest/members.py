@@ -5,7 +5,7 @@ A `MemberSource` gives indexed access to the files inside; nothing is extracted 
 * **zip**: entries are opened by their index in the central directory through `zipfile`, which
   bounds what it inflates by the declared size and checks the CRC. Entry *names are never used as
   paths* (nor looked at). Limits (`IngestLimits`): number of entries, sum of declared uncompressed
-  sizes (zip bombs), size of one entry; encrypted entries are refused.
+  sizes (zip bombs), size of one entry, compression ratio of the archive; encrypted entries are refused.
 * **multipart** (``multipart/form-data`` or DICOMweb-style ``multipart/related``): the body is parsed
   in 1 MiB chunks by python-multipart's streaming parser and each part is written to its own file in
   a private temporary directory (``part-<n>``, never the part's filename). Limits: number of parts,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import shutil
 import tempfile
 import zipfile
@@ -101,6 +102,13 @@ class SingleFile(MemberSource):
             yield handle
 
 
+def _ratio(uncompressed: int, compressed: int) -> float:
+    """Declared inflation; an empty payload that claims content is infinitely inflated."""
+    if compressed == 0:
+        return math.inf if uncompressed else 0.0
+    return uncompressed / compressed
+
+
 class ZipSource(MemberSource):
     kind = "zip"
 
@@ -120,6 +128,12 @@ class ZipSource(MemberSource):
             biggest = max((info.file_size for info in self._infos), default=0)
             if biggest > limits.max_member_bytes:
                 raise payload_too_large("zip_entry_bytes", biggest, limits.max_member_bytes)
+            # Whole-archive ratio, not per entry: one constant slice (pixel padding) deflates ~1000x
+            # on its own, while a bomb's payload dominates the archive.
+            ratio = _ratio(total, sum(info.compress_size for info in self._infos))
+            if ratio > limits.max_compression_ratio:
+                observed = round(ratio, 1) if math.isfinite(ratio) else "unbounded"
+                raise payload_too_large("compression_ratio", observed, limits.max_compression_ratio)
             if any(info.flag_bits & 0x1 for info in self._infos):
                 raise unreadable("zip", "the archive is encrypted")
         except ProblemError:

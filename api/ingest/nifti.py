@@ -10,6 +10,7 @@ has no modality tag; validation checks that they look like HU).
 from __future__ import annotations
 
 import gzip
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -33,6 +34,15 @@ def squeeze_to_3d(data_shape: tuple[int, ...]) -> tuple[int, ...]:
     return spatial
 
 
+def _raw_pixdim(header: bytes) -> tuple[float, float, float]:
+    """pixdim[1..3] as stored in a NIfTI-1 (float32 at byte 80) or NIfTI-2 (float64 at 112) header."""
+    endian = "<" if int.from_bytes(header[:4], "little") in (348, 540) else ">"
+    (sizeof_hdr,) = struct.unpack(f"{endian}i", header[:4])
+    fmt, offset = (f"{endian}3d", 112) if sizeof_hdr == 540 else (f"{endian}3f", 80)
+    values = struct.unpack_from(fmt, header, offset)
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
 def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan:
     """Decode one NIfTI file from disk (gzip streamed, never fully in memory as bytes)."""
     opener = gzip.open if gzipped else open
@@ -42,6 +52,8 @@ def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan
             sizeof_hdr = int.from_bytes(handle.read(4), "little")
             if sizeof_hdr not in (348, 540):
                 sizeof_hdr = int.from_bytes(sizeof_hdr.to_bytes(4, "little"), "big")
+            handle.seek(0)
+            raw_pixdim = _raw_pixdim(handle.read(540))
             handle.seek(0)
             klass = nib.Nifti2Image if sizeof_hdr == 540 else nib.Nifti1Image
             # mmap=False: the voxels must not stay mapped to the upload file, which is deleted (or
@@ -64,6 +76,17 @@ def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan
         raise
     except Exception as error:  # any parser failure on untrusted bytes is "unreadable"
         raise unreadable("NIfTI", error) from error
+    if sform_code == 0 and not all(np.isfinite(p) and p > 0 for p in raw_pixdim):
+        # Without an sform the voxel size comes from pixdim, which nibabel silently "repairs" (0 -> 1,
+        # negative -> abs): a wrong voxel size or a flipped axis. Refuse instead of guessing.
+        raise ProblemError(
+            422,
+            "bad_spacing",
+            "the NIfTI header's voxel sizes (pixdim) are not positive finite numbers",
+            field="pixdim",
+            observed=[p if np.isfinite(p) else str(p) for p in raw_pixdim],
+            expected="pixdim[1..3] > 0 mm (or an sform)",
+        )
     if sform_code == 0 and qform_code == 0:
         warnings.append(
             (

@@ -31,6 +31,15 @@ SPACE_TO_RAS: Final = {
     "left-posterior-superior": (-1.0, -1.0, 1.0),
     "lps": (-1.0, -1.0, 1.0),
 }
+#: Every `space` the NRRD format defines (those without an anatomical meaning are refused).
+NRRD_SPACES: Final = frozenset(
+    {
+        *SPACE_TO_RAS,
+        *(f"{name}-time" for name in SPACE_TO_RAS if "-" in name),
+        *("rast", "last", "lpst", "scanner-xyz", "scanner-xyz-time", "3d-right-handed", "3d-left-handed"),
+        *("3d-right-handed-time", "3d-left-handed-time"),
+    }
+)
 #: The header (text up to the first blank line) must end within this many bytes.
 MAX_HEADER_BYTES: Final = 64 << 10
 
@@ -65,7 +74,8 @@ def decode_nrrd(path: Path, limits: IngestLimits) -> DecodedScan:
             if space not in SPACE_TO_RAS:
                 raise _missing_geometry(
                     "the NRRD has no anatomical space (RAS, LAS or LPS), so its orientation is unknown",
-                    observed=space or None,
+                    # only a space the NRRD format defines is echoed, never the upload's free text
+                    observed=space if space in NRRD_SPACES else None,
                 )
             if "space directions" not in header:
                 raise _missing_geometry("the NRRD has no space directions, so its voxel geometry is unknown")

@@ -20,12 +20,18 @@ class IngestLimits:
             a whole study with several series a few thousand).
         max_uncompressed_bytes: sum of the declared uncompressed sizes of the zip entries (zip bombs).
         max_member_bytes: one zip entry or multipart part (a multi-frame object holds a whole series).
+        max_compression_ratio: declared uncompressed / compressed bytes of a whole zip. A DICOM
+            series deflates 2-10x (air around the head compresses well); deflate tops out at ~1030x,
+            which zip bombs use.
         max_voxels: voxels of the decoded volume (2**28 = 1 GiB as float32; 512 x 512 x 1024).
+
+    `api.settings.ingest_limits` builds one from the ``HEADCT_MAX_*`` settings.
     """
 
     max_members: int = 5000
     max_uncompressed_bytes: int = 4 << 30
     max_member_bytes: int = 2 << 30
+    max_compression_ratio: float = 250.0
     max_voxels: int = 1 << 28
 
 

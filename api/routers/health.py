@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.dependencies import ModelDep
+from api.dependencies import ModelDep, PredictionServiceDep
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +19,9 @@ async def livez() -> dict[str, str]:
     summary="Triton is reachable and the model is ready (warm)",
     responses={503: {"description": "not ready", "content": {"application/problem+json": {}}}},
 )
-async def readyz(model: ModelDep) -> dict[str, str]:
+async def readyz(model: ModelDep, service: PredictionServiceDep) -> dict[str, str]:
+    if service.admission.draining:  # SIGTERM received: take this instance out of rotation
+        raise service.admission.shutting_down()
     if not await model.is_ready():
         raise model.unavailable(f"model {model.model_name!r} is not ready on Triton")
     card = await model.card()

@@ -60,11 +60,15 @@ def _split(value: str | None) -> list[str]:
     responses={
         400: _problem("unreadable input or bad query parameters"),
         413: _problem("body larger than the configured limit"),
+        429: _problem(
+            "the gateway is at capacity (`gateway_busy`) or this API key's concurrent predictions are at"
+            " its limit (`key_concurrency_exceeded`); see Retry-After"
+        ),
         415: _problem("unsupported media type"),
         422: _problem("a readable scan that fails validation (code says which rule)"),
         502: _problem("the inference server failed the request"),
-        503: _problem("model not ready or overloaded; see Retry-After"),
-        504: _problem("inference timed out"),
+        503: _problem("model not ready or overloaded, worker lost or shutting down; see Retry-After"),
+        504: _problem("request deadline (`deadline_exceeded`) or inference timeout"),
     },
 )
 async def predict(
@@ -82,13 +86,18 @@ async def predict(
     check_includes(extras)
     card = await service.model.card()
     selected = select_tasks(card, _split(tasks))
-    upload: Path = await spool_body(request, limit=settings.max_upload_bytes, directory=settings.spool_dir)
-    try:
-        prediction = await service.predict(
-            upload, request.headers.get("content-type", ""), series_uid=series_uid
+    # Admission first (429 gateway_busy / 503 shutting_down) so an overloaded gateway refuses before reading.
+    with service.admission.enter():
+        upload: Path = await spool_body(
+            request, limit=settings.max_upload_bytes, directory=settings.spool_dir
         )
-    finally:
-        upload.unlink(missing_ok=True)
+        try:
+            prediction = await service.predict(
+                upload, request.headers.get("content-type", ""), series_uid=series_uid
+            )
+        finally:
+            upload.unlink(missing_ok=True)
+    request.state.timings_ms = prediction.timings_ms  # for the access log line
     return build_predict_response(
         prediction,
         selected=selected,

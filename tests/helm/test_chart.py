@@ -3,6 +3,7 @@ defaults): security, GPU scheduling, engine build, probes, autoscaling, monitori
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -147,9 +148,34 @@ def test_helm4_renders_what_helm3_renders(rendered: dict[str, Docs]) -> None:
 GATEWAY_SETTINGS = {
     "HEADCT_HOST", "HEADCT_PORT", "HEADCT_GRPC_PORT", "HEADCT_TRITON_GRPC_URL", "HEADCT_MODEL_NAME",
     "HEADCT_MODEL_VERSION", "HEADCT_INFERENCE_TIMEOUT_S", "HEADCT_MAX_UPLOAD_BYTES", "HEADCT_SPOOL_DIR",
-    "HEADCT_PREPROCESS_CONCURRENCY", "HEADCT_RETRY_AFTER_S", "HEADCT_MAX_INFLIGHT", "HEADCT_MAX_QUEUE",
+    "HEADCT_PREPROCESS_WORKERS", "HEADCT_RETRY_AFTER_S", "HEADCT_MAX_INFLIGHT", "HEADCT_MAX_QUEUE",
     "HEADCT_BATCH_MAX_SIZE", "HEADCT_BATCH_MAX_DELAY_MS", "HEADCT_WORKERS", "HEADCT_API_KEYS_FILE",
+    "HEADCT_BUSY_RETRY_AFTER_S", "HEADCT_REQUEST_TIMEOUT_S", "HEADCT_SHUTDOWN_GRACE_S",
+    "HEADCT_BATCHING_ENABLED", "HEADCT_PER_KEY_CONCURRENCY", "HEADCT_LOG_LEVEL", "HEADCT_LOG_FORMAT",
+    "HEADCT_MAX_ARCHIVE_MEMBERS", "HEADCT_MAX_UNCOMPRESSED_BYTES", "HEADCT_MAX_MEMBER_BYTES",
+    "HEADCT_MAX_COMPRESSION_RATIO", "HEADCT_MAX_VOXELS",
 }  # fmt: skip
+
+
+def gateway_setting_names() -> set[str]:
+    """HEADCT_* names api/settings.py reads (parsed, not imported: this venv lacks the gateway's deps)."""
+    tree = ast.parse((ROOT / "api" / "settings.py").read_text())
+    (settings,) = (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
+    return {
+        f"HEADCT_{node.target.id.upper()}"
+        for node in settings.body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+
+
+def test_every_gateway_setting_the_chart_sets_exists(rendered: dict[str, Docs]) -> None:
+    """A renamed setting would be ignored silently (pydantic-settings skips unknown env): catch it here."""
+    known = gateway_setting_names()
+    assert "HEADCT_PREPROCESS_WORKERS" in known
+    for name, docs in rendered.items():
+        settings = env(container(one(docs, "Deployment", GATEWAY), "gateway"))
+        unknown = {key for key in settings if key.startswith("HEADCT_")} - known
+        assert not unknown, (name, unknown)
 
 
 def test_gateway_settings_and_probes(rendered: dict[str, Docs]) -> None:

@@ -60,6 +60,10 @@ class FakeModel:
         self.images.append(image)
         return InferenceResult(np.array([0.9, 0.1], np.float32), np.arange(4, dtype=np.float32))
 
+    async def infer_batch(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+        results = [await self.infer(image) for image in batch]
+        return np.stack([r.probabilities for r in results]), np.stack([r.embedding for r in results])
+
     def unavailable(self, detail: str) -> ProblemError:
         return ProblemError(503, "model_unavailable", detail, headers={"Retry-After": "5"})
 
@@ -71,9 +75,11 @@ def fake() -> FakeModel:
 
 @pytest.fixture
 def client(fake: FakeModel) -> Iterator[TestClient]:
-    app = create_app(Settings(max_upload_bytes=1 << 20, grpc_enabled=False))
+    settings = Settings(max_upload_bytes=1 << 20, grpc_enabled=False, preprocess_workers=0)
+    app = create_app(settings)
+    service = PredictionService(fake, settings)  # type: ignore[arg-type]
     app.dependency_overrides[get_model] = lambda: fake
-    app.dependency_overrides[get_prediction_service] = lambda: PredictionService(fake, 1)  # type: ignore[arg-type]
+    app.dependency_overrides[get_prediction_service] = lambda: service
     with TestClient(app) as test_client:
         yield test_client
 

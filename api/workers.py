@@ -1,0 +1,118 @@
+"""The process pool that decodes, validates and preprocesses scans, off the event loop and off the GIL.
+
+Workers are started with the `spawn` method: forking a process that runs an asyncio loop, the gRPC
+server's threads and Triton's gRPC channel is unsafe. Each worker imports the pipeline once and then
+serves scans; what comes back is the small preprocessed tensor (fp16 3x96^3, ~5 MB) plus timings, never
+the decoded volume.
+
+A worker that dies (OOM killer, a segfault in a decoder) breaks the whole `ProcessPoolExecutor`: every
+scan it was running fails with 503 ``preprocessing_worker_lost`` (Retry-After) and the next call gets a
+fresh pool.
+
+`workers=0` runs the same function in a thread of the gateway process instead (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from api.logging_config import configure_logging
+from api.problems import ProblemError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _warm_up() -> int:
+    """Runs once in each new worker so its imports happen before the first scan, not during it."""
+    import api.prediction  # noqa: F401  (the pipeline: numpy, scipy, pydicom, nibabel)
+
+    return os.getpid()
+
+
+class PreprocessPool:
+    """A replaceable process pool for the CPU-bound stages of a prediction."""
+
+    def __init__(
+        self, workers: int, *, retry_after_s: int, log_level: str = "INFO", log_format: str = "json"
+    ) -> None:
+        self.workers = workers
+        self.retry_after_s = retry_after_s
+        # Spawned workers start with bare logging: give them the gateway's formatter (no PHI, JSON).
+        self._log_config = (log_level, log_format)
+        self._executor: Executor | None = None
+        self.generation = 0  # bumped each time a broken pool is replaced (tests, logs)
+
+    def _current(self) -> Executor:
+        if self._executor is None:
+            if self.workers == 0:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headct-preprocess")
+            else:
+                self._executor = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=configure_logging,
+                    initargs=self._log_config,
+                )
+            self.generation += 1
+        return self._executor
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (empty for the thread mode)."""
+        executor = self._executor
+        processes = getattr(executor, "_processes", None) or {}
+        return [process.pid for process in processes.values() if process.pid is not None]
+
+    async def start(self) -> None:
+        """Start every worker now, so the first requests do not pay for process start-up and imports."""
+        if self.workers == 0:
+            return
+        executor = self._current()
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(executor, _warm_up) for _ in range(self.workers)))
+
+    def _replace(self, broken: Executor) -> None:
+        if self._executor is broken:
+            log.error("a preprocessing worker died; starting a new pool")
+            self._executor = None
+            broken.shutdown(wait=False, cancel_futures=True)
+
+    def _lost(self) -> ProblemError:
+        return ProblemError(
+            503,
+            "preprocessing_worker_lost",
+            "the process preprocessing this scan died (out of memory?); retry later",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in a worker. Cancelling the caller cancels the job if it has not started."""
+        for attempt in (1, 2):
+            executor = self._current()
+            try:
+                future = executor.submit(function, *args)
+            except BrokenProcessPool:
+                # Broken before this job got in: nothing of it was lost, try once on a fresh pool.
+                self._replace(executor)
+                if attempt == 2:
+                    raise self._lost() from None
+                continue
+            try:
+                return await asyncio.wrap_future(future)
+            except BrokenProcessPool as error:
+                self._replace(executor)
+                raise self._lost() from error
+        raise AssertionError("unreachable")
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None

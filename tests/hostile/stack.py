@@ -1,0 +1,161 @@
+"""Start a dedicated REAL Triton + REAL gateway pair for the hostile-input, security and fault suites.
+
+The integration conftest's session gateway hides its process and log; these suites need both (RSS of
+the gateway's process tree, its log for leak checks, killing/restarting Triton), so they start their
+own pair on other free ports with `LocalTriton` and the same uvicorn command line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from headct import contract
+from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
+
+# Same defaults and overrides as tests/integration/conftest.py (not imported: a conftest is a plugin).
+ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = Path(os.environ.get("HEADCT_TEST_REPOSITORY", ROOT / "model_repository"))
+MODEL_NAME = contract.DEFAULT_MODEL_NAME
+
+__all__ = [
+    "MODEL_NAME",
+    "REPOSITORY",
+    "ROOT",
+    "Gateway",
+    "children_by_parent",
+    "free_port",
+    "process_tree_rss_kib",
+    "start_gateway",
+    "start_triton",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_triton(repository: Path, log_path: Path, ports: TritonPorts | None = None) -> LocalTriton:
+    """A started (not yet ready) tritonserver on `repository`; the caller waits and stops it."""
+    server = LocalTriton(
+        home=prepare_triton_home(ROOT / "build" / "tritonserver"),
+        repository=repository,
+        ports=ports or TritonPorts(free_port(), free_port(), free_port()),
+        log_path=log_path,
+    )
+    server.start()
+    return server
+
+
+@dataclass
+class Gateway:
+    """One uvicorn gateway subprocess, its ports and the file its stdout+stderr go to."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    grpc_port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def wait_live(self, timeout_s: float = 60.0, *, ready: bool = True) -> None:
+        """Until /readyz (or /livez when `ready` is False) answers 200; fail with the log otherwise."""
+        path = "/readyz" if ready else "/livez"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                if httpx.get(f"{self.url}{path}", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway {path} not 200 after {timeout_s:.0f} s:\n{self.log_text()}")
+            time.sleep(0.3)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_gateway(triton: LocalTriton, log_path: Path, **settings: str) -> Gateway:
+    """A gateway subprocess talking to `triton`; `settings` are extra ``HEADCT_*`` variables."""
+    port, grpc_port = free_port(), free_port()
+    env = dict(os.environ)
+    env.update(
+        HEADCT_TRITON_GRPC_URL=f"127.0.0.1:{triton.ports.grpc}",
+        HEADCT_MODEL_NAME=MODEL_NAME,
+        HEADCT_MAX_UPLOAD_BYTES=str(64 << 20),
+        HEADCT_GRPC_PORT=str(grpc_port),
+    )
+    env.update(settings)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return Gateway(process, f"http://127.0.0.1:{port}", grpc_port, log_path, env)
+
+
+def children_by_parent() -> dict[int, list[int]]:
+    """ppid -> child pids, for every process visible in /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # the command name (field 2) may hold spaces and parentheses: split after its closing ")"
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def process_tree_rss_kib(pid: int) -> int:
+    """VmRSS (KiB) of `pid` plus all its descendants (a preprocessing process pool included)."""
+    tree = children_by_parent()
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += _rss_kib(current)
+        todo.extend(tree.get(current, []))
+    return total
