@@ -16,7 +16,7 @@ import pytest
 
 from headct.triton_local import LocalTriton, TritonPorts
 from tests.faults.slow_model import SLEEPY_MODEL_NAME, SLOW_MODEL_NAME, write_fault_repository
-from tests.hostile.stack import (
+from tests.stack import (
     MODEL_NAME,
     REPOSITORY,
     Gateway,

@@ -1,11 +1,12 @@
 """Gateway guards configured by settings, against a running gateway + Triton: API keys (401), upload
 limits (HEADCT_MAX_ARCHIVE_MEMBERS, HEADCT_MAX_UNCOMPRESSED_BYTES, HEADCT_MAX_MEMBER_BYTES,
-HEADCT_MAX_COMPRESSION_RATIO, HEADCT_MAX_VOXELS -> 413 / 422), admission control
-(HEADCT_MAX_INFLIGHT / HEADCT_MAX_QUEUE -> 429 ``gateway_busy``), SIGTERM draining (503
+HEADCT_MAX_COMPRESSION_RATIO, HEADCT_MAX_VOXELS -> 413 / 422), SIGTERM draining (503
 ``shutting_down``, in-flight requests complete, the process exits within the grace period) and a
 preprocessing worker killed mid-scan (503 ``preprocessing_worker_lost``, then the pool recovers).
 
 Kept apart from the hostile corpus because each guard needs a gateway started with its own settings.
+Admission control (429 ``gateway_busy``) is proven by tests/integration/test_lifecycle.py and
+tests/faults/test_overload.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from export.demo.dicom_writer import multipart_body, to_bytes
 from tests.faults.conftest import SLEEPY_MODEL_SLEEP_S, TritonHandle, gateway_on
 from tests.faults.slow_model import SLEEPY_MODEL_NAME
 from tests.hostile.corpus import series, valid_nifti, zip_of
-from tests.hostile.stack import Gateway, children_by_parent
+from tests.stack import Gateway, children_by_parent
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,7 @@ def _problem(response: httpx.Response, status: int, code: str) -> dict:
     return body
 
 
-# ---- API keys (helper-7) -----------------------------------------------------------------------
+# ---- API keys -----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -144,48 +145,7 @@ def test_upload_limit_settings(limited_gateway: Gateway) -> None:
 # ---- admission control (helper-6) --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def narrow_gateway(fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    yield from gateway_on(
-        fault_triton,
-        tmp_path_factory,
-        "narrow-gateway",
-        HEADCT_MODEL_NAME=SLEEPY_MODEL_NAME,
-        HEADCT_MAX_INFLIGHT="1",
-        HEADCT_MAX_QUEUE="0",
-    )
-
-
-def _concurrently(url: str, count: int, scan: bytes) -> list[httpx.Response]:
-    responses: list[httpx.Response] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        response = httpx.post(f"{url}/v1/predict", content=scan, headers=OCTET, timeout=HANG_GUARD_S)
-        with lock:
-            responses.append(response)
-
-    threads = [threading.Thread(target=one) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(HANG_GUARD_S + 5)
-    assert len(responses) == count, "a request hung"
-    return responses
-
-
-def test_admission_sheds_load_with_429(narrow_gateway: Gateway) -> None:
-    responses = _concurrently(narrow_gateway.url, 4, valid_nifti())
-    statuses = sorted(response.status_code for response in responses)
-    assert set(statuses) <= {200, 429} and statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
-    for response in responses:
-        if response.status_code == 429:
-            assert response.json()["code"] == "gateway_busy" and int(response.headers["retry-after"]) >= 1
-    metrics = httpx.get(f"{narrow_gateway.url}/metrics", timeout=10).text
-    assert 'headct_rejections_total{code="gateway_busy"}' in metrics
-
-
-# ---- SIGTERM draining (helper-6) ----------------------------------------------------------------
+# ---- SIGTERM draining ----------------------------------------------------------------
 
 
 def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
@@ -231,7 +191,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
         next(gateways, None)
 
 
-# ---- a preprocessing worker dies (helper-6's process pool) -----------------------------------------
+# ---- a preprocessing worker dies (api/workers.py) -----------------------------------------
 
 
 @pytest.fixture(scope="module")

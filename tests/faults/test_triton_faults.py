@@ -16,7 +16,7 @@ import pytest
 from tests.faults.conftest import SLOW_MODEL_SLEEP_S, TritonHandle, gateway_on
 from tests.faults.slow_model import SLOW_MODEL_NAME
 from tests.hostile.corpus import valid_nifti
-from tests.hostile.stack import Gateway
+from tests.stack import Gateway
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Session fixtures of the hostile-input and security suites: one dedicated Triton + gateway pair.
+"""Session fixtures of the hostile-input and security suites: a dedicated gateway on the session Triton.
 
 The gateway spools into a private directory (``HEADCT_SPOOL_DIR``) whose parent the security suite
 watches, and writes stdout+stderr to a log file the leak checks read; both are exposed here.
@@ -13,22 +13,10 @@ import httpx
 import pytest
 
 from headct.triton_local import LocalTriton
-from tests.hostile.stack import MODEL_NAME, REPOSITORY, Gateway, start_gateway, start_triton
+from tests.stack import Gateway, running_gateway
 
 #: Hang guard for one request: generous (a slow shared CI machine), but a hang fails the test.
 REQUEST_TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="session")
-def hostile_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
-    if not (REPOSITORY / MODEL_NAME / "config.pbtxt").is_file():
-        pytest.fail(f"{REPOSITORY / MODEL_NAME} is missing: run `make test`, which builds the demo model")
-    server = start_triton(REPOSITORY, tmp_path_factory.mktemp("hostile-triton") / "tritonserver.log")
-    try:
-        server.wait_ready(MODEL_NAME)
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -46,18 +34,11 @@ def spool_dir(spool_parent: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def hostile_gateway(
-    hostile_triton: LocalTriton, spool_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    triton: LocalTriton, spool_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    gateway = start_gateway(
-        hostile_triton,
-        tmp_path_factory.mktemp("hostile-gateway") / "gateway.log",
-        HEADCT_SPOOL_DIR=str(spool_dir),
-    )
-    try:
-        gateway.wait_live()
+    log_path = tmp_path_factory.mktemp("hostile-gateway") / "gateway.log"
+    with running_gateway(triton, log_path, HEADCT_SPOOL_DIR=str(spool_dir)) as gateway:
         yield gateway
-    finally:
-        gateway.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from api.grpc_server import grpc_status
 from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
 from tests.hostile.conftest import REQUEST_TIMEOUT_S
 from tests.hostile.corpus import Case, cases, valid_nifti
-from tests.hostile.stack import Gateway, process_tree_rss_kib
+from tests.stack import Gateway, process_tree_rss_kib
 
 pytestmark = pytest.mark.integration
 

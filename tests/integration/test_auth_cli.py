@@ -7,9 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -23,7 +21,7 @@ from export.demo.dicom_writer import ct_series, reorient, write_series
 from export.demo.synthetic_head import make_head
 from headct.triton_local import LocalTriton
 from headct.volume import Volume
-from tests.integration.conftest import MODEL_NAME, ROOT, free_port
+from tests.stack import Gateway, running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -37,56 +35,20 @@ SENTINELS = {
 HEADCT = Path(sys.executable).with_name("headct")
 
 
-@dataclass(frozen=True)
-class KeyedGateway:
-    url: str
-    grpc_target: str
-    log_path: Path
-
-
 @pytest.fixture(scope="module")
-def keyed_gateway(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedGateway]:
+def keyed_gateway(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     home = tmp_path_factory.mktemp("keyed-gateway")
     keys_file = home / "api-keys"
     keys_file.write_text(f"# test keys\n{KEY}\n{OTHER_KEY}\n")
-    port, grpc_port = free_port(), free_port()
-    log_path = home / "gateway.log"
-    env = dict(os.environ)
-    env.update(
-        HEADCT_TRITON_GRPC_URL=f"127.0.0.1:{triton.ports.grpc}",
-        HEADCT_MODEL_NAME=MODEL_NAME,
+    with running_gateway(
+        triton,
+        home / "gateway.log",
         HEADCT_MAX_UPLOAD_BYTES=str(256 << 20),
-        HEADCT_GRPC_PORT=str(grpc_port),
-        HEADCT_API_KEYS_FILE=str(keys_file),
+        HEADCT_API_KEYS_FILE=str(keys_file),  # as the Helm chart mounts its Secret
         HEADCT_LOG_FORMAT="json",
         HEADCT_LOG_LEVEL="INFO",
-    )
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"keyed gateway exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:  # no key: probes stay open
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"keyed gateway not ready after 90 s:\n{log_path.read_text()}")
-            time.sleep(0.3)
-        yield KeyedGateway(url, f"127.0.0.1:{grpc_port}", log_path)
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    ) as gateway:  # /readyz needs no key: probes stay open
+        yield gateway
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +71,7 @@ def dicom_dir(head: Volume, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def test_rest_needs_the_key(keyed_gateway: KeyedGateway) -> None:
+def test_rest_needs_the_key(keyed_gateway: Gateway) -> None:
     with httpx.Client(base_url=keyed_gateway.url, timeout=60) as http:
         missing = http.get("/v1/models")
         assert missing.status_code == 401 and missing.json()["code"] == "missing_api_key"
@@ -121,7 +83,7 @@ def test_rest_needs_the_key(keyed_gateway: KeyedGateway) -> None:
         assert http.get("/livez").status_code == 200 and http.get("/metrics").status_code == 200
 
 
-def test_rest_predict_with_the_key(keyed_gateway: KeyedGateway, nifti_file: Path) -> None:
+def test_rest_predict_with_the_key(keyed_gateway: Gateway, nifti_file: Path) -> None:
     response = httpx.post(
         f"{keyed_gateway.url}/v1/predict",
         content=nifti_file.read_bytes(),
@@ -132,8 +94,8 @@ def test_rest_predict_with_the_key(keyed_gateway: KeyedGateway, nifti_file: Path
     assert {f["name"] for f in response.json()["findings"]}
 
 
-def test_grpc_needs_the_key(keyed_gateway: KeyedGateway, nifti_file: Path) -> None:
-    with grpc.insecure_channel(keyed_gateway.grpc_target) as channel:
+def test_grpc_needs_the_key(keyed_gateway: Gateway, nifti_file: Path) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{keyed_gateway.grpc_port}") as channel:
         stub = headct_pb2_grpc.HeadCTStub(channel)
         for metadata, code in (((), "missing_api_key"), ((("x-api-key", "k-wrong"),), "invalid_api_key")):
             with pytest.raises(grpc.RpcError) as raised:
@@ -156,7 +118,7 @@ def _headct(*args: str, key: str | None = KEY) -> subprocess.CompletedProcess[st
     return subprocess.run([str(HEADCT), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_cli_predict_on_nifti(keyed_gateway: KeyedGateway, nifti_file: Path) -> None:
+def test_cli_predict_on_nifti(keyed_gateway: Gateway, nifti_file: Path) -> None:
     done = _headct("predict", str(nifti_file), "--url", keyed_gateway.url)
     assert done.returncode == 0, done.stderr
     assert "finding" in done.stdout and "probability" in done.stdout and "hemorrhage" in done.stdout
@@ -169,7 +131,7 @@ def test_cli_predict_on_nifti(keyed_gateway: KeyedGateway, nifti_file: Path) -> 
     assert refused.returncode == 1 and "missing_api_key" in refused.stderr
 
 
-def test_cli_predict_on_a_dicom_directory_and_the_logs(keyed_gateway: KeyedGateway, dicom_dir: Path) -> None:
+def test_cli_predict_on_a_dicom_directory_and_the_logs(keyed_gateway: Gateway, dicom_dir: Path) -> None:
     done = _headct("predict", str(dicom_dir), "--url", keyed_gateway.url, "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

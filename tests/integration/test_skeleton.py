@@ -18,7 +18,7 @@ from export.serving_graph import ServingGraph
 from headct.model_card import MODEL_CARD_FILENAME, ModelCard
 from headct.preprocess import preprocess
 from headct.volume import Volume
-from tests.integration.conftest import CHECKPOINTS, MODEL_NAME, REPOSITORY
+from tests.stack import CHECKPOINTS, MODEL_NAME, REPOSITORY
 
 pytestmark = pytest.mark.integration
 

@@ -479,7 +479,7 @@ def test_the_service_observes_worker_timings_in_the_gateway_process(nifti_path: 
 def test_grpc_predict_gets_the_same_admission_answers() -> None:
     from api.grpc_server import GrpcGateway
     from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
-    from tests.integration.conftest import free_port
+    from tests.stack import free_port
 
     settings = Settings(grpc_port=free_port(), preprocess_workers=0, max_inflight=1, max_queue=0)
     service = PredictionService(FakeModel(), settings)  # type: ignore[arg-type]

@@ -1,18 +1,17 @@
-"""Start a dedicated REAL Triton + REAL gateway pair for the hostile-input, security and fault suites.
-
-The integration conftest's session gateway hides its process and log; these suites need both (RSS of
-the gateway's process tree, its log for leak checks, killing/restarting Triton), so they start their
-own pair on other free ports with `LocalTriton` and the same uvicorn command line.
-"""
+"""Start the REAL Triton binary and REAL gateway processes for the integration, hostile-input, security
+and fault suites: free ports on 127.0.0.1, the production entry point (`python -m api`), logs to files the
+leak checks read, and the process tree for RSS checks. The one place the suites start processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +20,14 @@ import httpx
 from headct import contract
 from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
 
-# Same defaults and overrides as tests/integration/conftest.py (not imported: a conftest is a plugin).
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
+# Overridable so a developer can point the suites at another export; `make test` uses the defaults.
 REPOSITORY = Path(os.environ.get("HEADCT_TEST_REPOSITORY", ROOT / "model_repository"))
+CHECKPOINTS = Path(os.environ.get("HEADCT_TEST_CHECKPOINTS", ROOT / "build" / "demo" / "checkpoints"))
 MODEL_NAME = contract.DEFAULT_MODEL_NAME
 
 __all__ = [
+    "CHECKPOINTS",
     "MODEL_NAME",
     "REPOSITORY",
     "ROOT",
@@ -34,6 +35,8 @@ __all__ = [
     "children_by_parent",
     "free_port",
     "process_tree_rss_kib",
+    "running_gateway",
+    "running_triton",
     "start_gateway",
     "start_triton",
 ]
@@ -102,26 +105,54 @@ class Gateway:
 
 
 def start_gateway(triton: LocalTriton, log_path: Path, **settings: str) -> Gateway:
-    """A gateway subprocess talking to `triton`; `settings` are extra ``HEADCT_*`` variables."""
+    """`python -m api` (the production entry point) talking to `triton`; `settings` are extra
+    ``HEADCT_*`` variables. Returns at once: call `wait_live`, or use `running_gateway`."""
     port, grpc_port = free_port(), free_port()
     env = dict(os.environ)
     env.update(
         HEADCT_TRITON_GRPC_URL=f"127.0.0.1:{triton.ports.grpc}",
         HEADCT_MODEL_NAME=MODEL_NAME,
-        HEADCT_MAX_UPLOAD_BYTES=str(64 << 20),
+        HEADCT_HOST="127.0.0.1",
+        HEADCT_PORT=str(port),
         HEADCT_GRPC_PORT=str(grpc_port),
+        HEADCT_MAX_UPLOAD_BYTES=str(64 << 20),
     )
     env.update(settings)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "api"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     return Gateway(process, f"http://127.0.0.1:{port}", grpc_port, log_path, env)
+
+
+@contextlib.contextmanager
+def running_gateway(
+    triton: LocalTriton, log_path: Path, *, ready_timeout_s: float = 90.0, **settings: str
+) -> Iterator[Gateway]:
+    """A ready gateway for the `with` block; stopped (SIGTERM, then kill) after it."""
+    gateway = start_gateway(triton, log_path, **settings)
+    try:
+        gateway.wait_live(ready_timeout_s)
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+@contextlib.contextmanager
+def running_triton(repository: Path, log_path: Path, *models: str) -> Iterator[LocalTriton]:
+    """A tritonserver with `models` (default: the demo model) ready, for the `with` block."""
+    if not (repository / MODEL_NAME / "config.pbtxt").is_file():
+        raise FileNotFoundError(
+            f"{repository / MODEL_NAME} is missing: run `make test`, which builds the demo model first"
+        )
+    server = start_triton(repository, log_path)
+    try:
+        for model in models or (MODEL_NAME,):
+            server.wait_ready(model)
+        yield server
+    finally:
+        server.stop()
 
 
 def children_by_parent() -> dict[int, list[int]]:
