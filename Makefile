@@ -28,7 +28,7 @@ help:
 	@echo "make serve        set up, build the demo model if missing, run Triton + gateway (Ctrl-C stops)"
 	@echo "make test         set up, build the demo model if missing, run lint + unit + integration tests"
 	@echo "make export       CHECKPOINT=backbone.pt HEADS='ich=ich_classifier.pt:0.5 ...' TARGET=cpu|onnx|trt"
-	@echo "make bench        benchmark suite (benchmarks/)"
+	@echo "make bench        benchmark suite (benchmarks/); make bench-quick: the same, small, < 5 min"
 	@echo "make chart-check  lint, render and validate the Helm chart"
 
 $(STAMP): pyproject.toml
@@ -72,9 +72,13 @@ export: setup
 	$(PY) -m export --backbone "$(CHECKPOINT)" --weights $(WEIGHTS) $(foreach h,$(HEADS),--head "$(h)") \
 		--target $(TARGET) --repository $(REPOSITORY) --model-name $(MODEL_NAME) --max-batch-size $(MAX_BATCH_SIZE)
 
-bench bench-quick:
-	@echo "make $@: the benchmark suite is not built yet (see the benchmarks issue); nothing was measured." >&2
-	@exit 1
+# Starts its own Triton + gateways on free ports (runs beside `make serve`); writes benchmarks/results/.
+# The last line of output is the JSON summary (shared/api-contract.md).
+bench: demo
+	$(PY) -m benchmarks
+
+bench-quick: demo
+	$(PY) -m benchmarks --quick
 
 # Bootstraps its own tools (helm, kubernetes-validate, checkov, promtool...) under build/tools/.
 chart-check:

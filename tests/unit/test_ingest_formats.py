@@ -199,4 +199,7 @@ def test_the_same_head_from_every_format_gives_the_same_model_input(tmp_path: Pa
     }
     reference = preprocess(volumes["nifti"])
     for name, volume in volumes.items():
-        np.testing.assert_array_equal(preprocess(volume), reference, err_msg=name)
+        # Equal up to float16 rounding: RAS and LPS copies are resampled with sums in opposite orders
+        # (~1e-7 relative), so a value on a rounding boundary may land one fp16 step apart.
+        diff = np.abs(preprocess(volume).astype(np.float32) - reference.astype(np.float32))
+        assert diff.max() <= 2.0**-11 and (diff > 0).mean() < 1e-3, name  # measured 1.1e-4

@@ -1,0 +1,1 @@
+"""Reference implementations used only by tests and benchmarks (may import torch / MONAI)."""

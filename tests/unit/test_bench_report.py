@@ -1,0 +1,81 @@
+"""Benchmark report: target checks, the contract summary line, REPORT.md and plots; the GPU script's
+CPU dry run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_bench, report
+from export.model import ViTConfig
+
+LATENCY = {"p50_ms": 1100.0, "p90_ms": 1200.0, "p99_ms": 1300.0}
+
+
+def _results(overhead: float | None, rss: float) -> dict:
+    return {
+        "mode": "quick",
+        "overhead": {
+            "ratio_batching_on": overhead,
+            "gateway": {"on": {"label": "gateway-batching-on", "concurrency": 1, "scans_per_s": 1.0,
+                               "errors": 0, "latency": LATENCY}},
+            "gateway_stage_p50_ms": {"decode": 100.0, "preprocess": 800.0, "infer": 100.0},
+            "direct_prepare": {"p50_ms": 880.0},
+            "direct_infer": {"p50_ms": 90.0},
+        },
+        "throughput": {"gateway_throughput_ratio": 0.95, "batching_throughput_ratio": 1.2},
+        "preprocess": {"preprocess_speedup": 25.0, "preprocess_max_abs_prob_delta": 0.02},
+        "memory": {"peak_rss_mb": rss, "input": "head-thin"},
+        "perf_analyzer": {"skipped": "not installed"},
+    }  # fmt: skip
+
+
+def test_targets_pass_miss_and_not_measured() -> None:
+    line = report.summary(_results(overhead=1.2, rss=2000.0))
+    assert line["targets"] == {
+        "gateway_overhead_ratio": "MISS",
+        "gateway_throughput_ratio": "pass",
+        "preprocess_speedup": "pass",
+        "preprocess_max_abs_prob_delta": "MISS",
+        "gateway_peak_rss_mb": "pass",
+    }
+    assert report.summary(_results(overhead=None, rss=3000.0))["targets"]["gateway_overhead_ratio"] == "n/a"
+    assert report.summary(_results(overhead=1.0, rss=3000.0))["targets"]["gateway_peak_rss_mb"] == "MISS"
+
+
+def test_boundary_values_meet_the_target() -> None:
+    target = next(t for t in report.TARGETS if t.key == "gateway_overhead_ratio")
+    assert target.check(1.15) == "pass"
+    assert target.check(1.1501) == "MISS"
+
+
+def test_summary_carries_every_contract_key_and_is_one_json_line() -> None:
+    line = report.summary(_results(overhead=1.1, rss=900.0))
+    for key in report.CONTRACT_KEYS:
+        assert key in line
+    encoded = json.dumps(line, separators=(",", ":"))
+    assert "\n" not in encoded and json.loads(encoded)["gateway_peak_rss_mb"] == 900.0
+
+
+def test_write_all_writes_json_report_and_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    report.write_all(_results(overhead=1.2, rss=900.0), tmp_path)
+    markdown = (tmp_path / "REPORT.md").read_text()
+    assert "| `gateway_overhead_ratio` | 1.2000 | <= 1.15 | MISS |" in markdown
+    assert "Skipped: not installed" in markdown
+    assert json.loads((tmp_path / "latest.json").read_text())["summary"]["mode"] == "quick"
+    assert (tmp_path / "stage_breakdown.png").stat().st_size > 0
+    assert (tmp_path / "latency_vs_concurrency.png").stat().st_size > 0
+
+
+def test_analytic_flops_match_the_reference_figure() -> None:
+    assert gpu_bench.analytic_gflop(ViTConfig()) == pytest.approx(gpu_bench.GFLOP_PER_VOLUME, rel=1e-3)
+
+
+def test_gpu_bench_dry_run_on_cpu() -> None:
+    result = gpu_bench.run(dry_run=True, batches=[1, 2], warmup=1, iters=2, budget_s_per_batch=1.0)
+    assert result["dry_run"] is True and result["peak_tflops"] is None
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    assert all(r["volumes_per_s"] > 0 and r["peak_share"] is None for r in result["rows"])
