@@ -222,14 +222,14 @@ UNAUTHORIZED_RESPONSE: Final = {
     401: {
         "description": "missing (`missing_api_key`) or wrong (`invalid_api_key`) API key, when keys are "
         "configured",
-        "content": {"application/problem+json": {}},
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
 }
 KEY_LIMIT_RESPONSE: Final = {
     429: {
         "description": "`key_concurrency_exceeded`: this key's concurrent predictions are at the limit; "
         "see Retry-After",
-        "content": {"application/problem+json": {}},
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
 }
 

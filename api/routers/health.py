@@ -17,7 +17,12 @@ async def livez() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Triton is reachable and the model is ready (warm)",
-    responses={503: {"description": "not ready", "content": {"application/problem+json": {}}}},
+    responses={
+        503: {
+            "description": "not ready",
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+    },
 )
 async def readyz(model: ModelDep, service: PredictionServiceDep) -> dict[str, str]:
     if service.admission.draining:  # SIGTERM received: take this instance out of rotation

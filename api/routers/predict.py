@@ -17,7 +17,13 @@ router = APIRouter(prefix="/v1", tags=["predict"])
 
 
 def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}}
+    # The schema goes under the media type we actually send (problem+json); `model` registers the
+    # component (FastAPI also lists it under application/json, which is harmless).
+    return {
+        "description": description,
+        "model": Problem,
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
 
 
 _BINARY_BODY = {"schema": {"type": "string", "format": "binary"}}
