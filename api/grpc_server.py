@@ -8,10 +8,7 @@ server reflection.
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,13 +22,14 @@ from api.grpc_interceptors import interceptors
 from api.prediction import PredictionService
 from api.problems import ProblemError
 from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from api.request_id import sanitize_request_id
 from api.responses import build_predict_response, check_includes, select_tasks
 from api.routers.models import model_info
 from api.schemas import PredictResponse
 from api.settings import Settings
+from api.uploads import spool_chunks
 
 SERVICE_NAME = headct_pb2.DESCRIPTOR.services_by_name["HeadCT"].full_name
-_MAX_REQUEST_ID = 128
 
 # REST status → gRPC status; the problem's own `code` travels in the trailing metadata.
 _STATUS = {
@@ -48,12 +46,6 @@ _STATUS = {
 
 def grpc_status(http_status: int) -> grpc.StatusCode:
     return _STATUS.get(http_status, grpc.StatusCode.INTERNAL)
-
-
-def _request_id(supplied: str) -> str:
-    if 0 < len(supplied) <= _MAX_REQUEST_ID and supplied.isascii() and supplied.isprintable():
-        return supplied
-    return uuid.uuid4().hex
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ProblemError, request_id: str) -> None:
@@ -92,39 +84,6 @@ def _to_proto(response: PredictResponse) -> headct_pb2.PredictResponse:
     )
 
 
-class _Spool:
-    """Bytes of one scan written to a private temporary file, capped at `limit`."""
-
-    def __init__(self, limit: int, directory: str | None) -> None:
-        self.limit = limit
-        handle, name = tempfile.mkstemp(prefix="headct-grpc-", dir=directory)
-        self.path = Path(name)
-        self._sink = os.fdopen(handle, "wb")
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            raise ProblemError(
-                413,
-                "payload_too_large",
-                f"the scan exceeds the {self.limit} byte limit of this gateway",
-                observed=f"> {self.limit}",
-                expected=f"<= {self.limit} bytes",
-            )
-        self._sink.write(data)
-
-    def finish(self) -> Path:
-        self._sink.close()
-        if self.size == 0:
-            raise ProblemError(400, "empty_body", "the scan is empty; send one head CT scan")
-        return self.path
-
-    def discard(self) -> None:
-        self._sink.close()
-        self.path.unlink(missing_ok=True)
-
-
 class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
     def __init__(self, service: PredictionService, settings: Settings) -> None:
         self.service = service
@@ -139,10 +98,10 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
     ) -> headct_pb2.PredictResponse:
         started_at = time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
-        request_id = _request_id(options.request_id or str(metadata.get("x-request-id", "")))
+        request_id = sanitize_request_id(options.request_id or str(metadata.get("x-request-id", "")))
         context.set_trailing_metadata((("x-request-id", request_id),))
         status = "OK"
-        spool = _Spool(self.settings.max_upload_bytes, self.settings.spool_dir)
+        upload: Path | None = None
         try:
             extras = ["embedding"] if options.include_embedding else []
             check_includes(extras)
@@ -150,10 +109,14 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
             selected = select_tasks(card, list(options.tasks))
             # Same admission as REST: RESOURCE_EXHAUSTED gateway_busy, UNAVAILABLE shutting_down.
             with self.service.admission.enter():
-                async for data in chunks:
-                    spool.write(data)
+                upload = await spool_chunks(
+                    chunks,
+                    limit=self.settings.max_upload_bytes,
+                    directory=self.settings.spool_dir,
+                    prefix="headct-grpc-",
+                )
                 prediction = await self.service.predict(
-                    spool.finish(), options.content_type, series_uid=options.series_uid or None
+                    upload, options.content_type, series_uid=options.series_uid or None
                 )
             response = build_predict_response(
                 prediction,
@@ -168,7 +131,8 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
             await _abort(context, error, request_id)
             raise  # unreachable: abort raises
         finally:
-            spool.discard()
+            if upload is not None:
+                upload.unlink(missing_ok=True)
             metrics.REQUESTS.labels(route=route, status=status).inc()
             metrics.REQUEST_DURATION.labels(route=route).observe(time.perf_counter() - started_at)
 
@@ -192,7 +156,7 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
                 "the first PredictChunk must carry the options, the following ones the data",
                 field="options",
             )
-            await _abort(context, error, _request_id(""))
+            await _abort(context, error, sanitize_request_id())
 
         async def data() -> AsyncIterator[bytes]:
             async for chunk in iterator:
@@ -211,7 +175,7 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
         try:
             info = model_info(await self.service.model.card())
         except ProblemError as error:
-            await _abort(context, error, _request_id(""))
+            await _abort(context, error, sanitize_request_id())
             raise
         return headct_pb2.ModelInfo(
             name=info.name,
@@ -237,7 +201,7 @@ class GrpcGateway:
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 24)],
             # API keys, the per-key limit and the outcome log line, as for REST (api/grpc_interceptors.py).
-            interceptors=interceptors(settings, SERVICE_NAME, abort=_abort, request_id=_request_id),
+            interceptors=interceptors(settings, SERVICE_NAME, abort=_abort, request_id=sanitize_request_id),
         )
         self.service = service
         self.health = HealthServicer()

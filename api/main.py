@@ -6,7 +6,6 @@ Run with `uvicorn api.main:app` (settings from `HEADCT_*` environment variables)
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -21,21 +20,11 @@ from api.lifecycle import Lifecycle
 from api.logging_config import configure_logging
 from api.prediction import PredictionService
 from api.problems import install_problem_handlers
+from api.request_id import REQUEST_ID_HEADER, sanitize_request_id
 from api.routers import health, models, predict
 from api.settings import Settings, get_settings
 from api.triton import TritonModel
 from headct.model_card import SYNTHETIC_DEMO_NOTICE
-
-REQUEST_ID_HEADER = "X-Request-ID"
-_MAX_REQUEST_ID = 128
-
-
-def _request_id(request: Request) -> str:
-    supplied = request.headers.get(REQUEST_ID_HEADER, "")
-    # Echo a caller's id only when it is a sane token: it lands in our logs and headers.
-    if 0 < len(supplied) <= _MAX_REQUEST_ID and supplied.isascii() and supplied.isprintable():
-        return supplied
-    return uuid.uuid4().hex
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -94,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def request_context(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        request.state.request_id = _request_id(request)
+        request.state.request_id = sanitize_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
         request.state.started_at = time.perf_counter()
         response = await call_next(request)
         response.headers[REQUEST_ID_HEADER] = request.state.request_id

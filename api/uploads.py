@@ -1,9 +1,11 @@
-"""Spool request bodies to disk with a hard size cap, so memory stays bounded by the decoded volume."""
+"""Spool uploaded bytes to disk with a hard size cap, so memory stays bounded by the decoded volume.
+One spooler for both front ends: REST streams the request body, gRPC the scan's chunks."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import AsyncIterable
 from pathlib import Path
 
 from starlette.requests import Request
@@ -21,28 +23,35 @@ def _too_large(limit: int, observed: int | str) -> ProblemError:
     )
 
 
-async def spool_body(request: Request, *, limit: int, directory: str | None) -> Path:
-    """Write the request body to a private temporary file and return its path (the caller deletes it).
+async def spool_chunks(
+    chunks: AsyncIterable[bytes], *, limit: int, directory: str | None, prefix: str = "headct-upload-"
+) -> Path:
+    """Write `chunks` to a private temporary file and return its path (the caller deletes it).
 
-    Refuses early from Content-Length when present, and again while streaming (chunked bodies).
+    Raises 413 `payload_too_large` as soon as more than `limit` bytes arrived, 400 `empty_body` when
+    none did; the partial file is removed in both cases.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit, int(declared))
-    handle, name = tempfile.mkstemp(prefix="headct-upload-", dir=directory)
+    handle, name = tempfile.mkstemp(prefix=prefix, dir=directory)
     path = Path(name)
     received = 0
     try:
         with os.fdopen(handle, "wb") as sink:
-            async for chunk in request.stream():
+            async for chunk in chunks:
                 received += len(chunk)
                 if received > limit:
                     raise _too_large(limit, f"> {limit}")
                 sink.write(chunk)
+        if received == 0:
+            raise ProblemError(400, "empty_body", "the request body is empty; send one head CT scan")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    if received == 0:
-        path.unlink(missing_ok=True)
-        raise ProblemError(400, "empty_body", "the request body is empty; send one head CT scan")
     return path
+
+
+async def spool_body(request: Request, *, limit: int, directory: str | None) -> Path:
+    """`spool_chunks` for a REST body; refuses from Content-Length before reading when it is declared."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, int(declared))
+    return await spool_chunks(request.stream(), limit=limit, directory=directory)
