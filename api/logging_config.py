@@ -22,8 +22,10 @@ from types import TracebackType
 from typing import Any, Final
 
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
+# Record attributes that are not extras; uvicorn's `color_message` (the message with ANSI colours) too.
 _STANDARD: Final = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime", "taskName"}
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
+    | {"message", "asctime", "taskName", "color_message"}
 )
 _HANDLER_NAME: Final = "headct"
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]

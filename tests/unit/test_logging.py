@@ -157,3 +157,10 @@ def test_uncaught_thread_exceptions_go_through_the_redacting_formatter(
     line = json.loads(JsonFormatter().format(record))
     assert line["exc_type"] == "ValueError" and "crash" in line["exc"]
     assert SENTINELS["PatientName"] not in JsonFormatter().format(record)
+
+
+def test_uvicorns_coloured_copy_of_the_message_is_not_an_extra() -> None:
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "Started", None, None)
+    record.color_message = "Started server process [\x1b[36m%d\x1b[0m]"
+    line = JsonFormatter().format(record)
+    assert "color_message" not in json.loads(line) and "\x1b" not in line
