@@ -16,7 +16,8 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
-def _children_map() -> dict[int, list[int]]:
+def children_by_parent() -> dict[int, list[int]]:
+    """ppid -> child pids, for every process visible in /proc now."""
     children: dict[int, list[int]] = {}
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
@@ -33,7 +34,7 @@ def _children_map() -> dict[int, list[int]]:
 
 def process_tree(root: int) -> list[int]:
     """`root` and all its descendants that exist now."""
-    children = _children_map()
+    children = children_by_parent()
     tree, stack = [], [root]
     while stack:
         pid = stack.pop()

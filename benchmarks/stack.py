@@ -8,7 +8,6 @@ benchmark's own concurrency is never rejected); unknown `HEADCT_*` variables are
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headct import contract
-from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
+from headct.triton_local import LocalTriton, TritonPorts, free_port, prepare_triton_home
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_triton(
@@ -38,7 +31,7 @@ def start_triton(
     server = LocalTriton(
         home=prepare_triton_home(ROOT / "build" / "tritonserver"),
         repository=repository,
-        ports=TritonPorts(free_port(), free_port(), free_port()),
+        ports=TritonPorts.free(),
         log_path=log_dir / "tritonserver.log",
     )
     server.start()
@@ -72,7 +65,6 @@ class GatewayOptions:
             "HEADCT_BATCH_MAX_SIZE": str(self.batch_max_size),
             "HEADCT_BATCH_MAX_DELAY_MS": f"{self.batch_max_delay_ms:g}",
             "HEADCT_PREPROCESS_WORKERS": str(self.preprocess_workers),
-            "HEADCT_PREPROCESS_CONCURRENCY": str(self.preprocess_workers),
             "HEADCT_MAX_INFLIGHT": str(self.max_inflight),
             "HEADCT_MAX_QUEUE": str(self.max_queue),
             # Deadlines far beyond any run here: a shared 2-core machine can take > 60 s for 8 thin-slice

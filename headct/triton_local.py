@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -55,11 +56,24 @@ def prepare_triton_home(dest: Path) -> Path:
     return dest
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (the OS picks it): for servers started by tests and
+    benchmarks beside a running `make serve`."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 @dataclass(frozen=True)
 class TritonPorts:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        """Three free ports on 127.0.0.1 instead of the defaults."""
+        return cls(free_port(), free_port(), free_port())
 
 
 @dataclass

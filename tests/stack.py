@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.memory import children_by_parent, tree_memory_kib
 from headct import contract
-from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
+from headct.triton_local import LocalTriton, TritonPorts, free_port, prepare_triton_home
 
 ROOT = Path(__file__).resolve().parents[1]
 # Overridable so a developer can point the suites at another export; `make test` uses the defaults.
@@ -42,18 +42,12 @@ __all__ = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def start_triton(repository: Path, log_path: Path, ports: TritonPorts | None = None) -> LocalTriton:
     """A started (not yet ready) tritonserver on `repository`; the caller waits and stops it."""
     server = LocalTriton(
         home=prepare_triton_home(ROOT / "build" / "tritonserver"),
         repository=repository,
-        ports=ports or TritonPorts(free_port(), free_port(), free_port()),
+        ports=ports or TritonPorts.free(),
         log_path=log_path,
     )
     server.start()
@@ -155,38 +149,7 @@ def running_triton(repository: Path, log_path: Path, *models: str) -> Iterator[L
         server.stop()
 
 
-def children_by_parent() -> dict[int, list[int]]:
-    """ppid -> child pids, for every process visible in /proc."""
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        # the command name (field 2) may hold spaces and parentheses: split after its closing ")"
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def process_tree_rss_kib(pid: int) -> int:
     """VmRSS (KiB) of `pid` plus all its descendants (a preprocessing process pool included)."""
-    tree = children_by_parent()
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        total += _rss_kib(current)
-        todo.extend(tree.get(current, []))
-    return total
+    rss_kib, _, _ = tree_memory_kib(pid, pss=False)
+    return rss_kib

@@ -14,14 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.memory import process_tree
 from headct.triton_local import LocalTriton, TritonPorts
 from tests.faults.slow_model import SLEEPY_MODEL_NAME, SLOW_MODEL_NAME, write_fault_repository
 from tests.stack import (
     MODEL_NAME,
     REPOSITORY,
     Gateway,
-    children_by_parent,
-    free_port,
     start_gateway,
     start_triton,
 )
@@ -61,12 +60,7 @@ class TritonHandle:
 
     def _descendants(self) -> list[int]:
         assert self.server is not None and self.server.process is not None
-        tree, todo, found = children_by_parent(), [self.server.process.pid], []
-        while todo:
-            for child in tree.get(todo.pop(), []):
-                found.append(child)
-                todo.append(child)
-        return found
+        return process_tree(self.server.process.pid)[1:]  # the root comes first
 
     def kill(self) -> None:
         """SIGKILL tritonserver (a crashed or evicted pod), then its Python-backend stubs."""
@@ -101,9 +95,7 @@ def fault_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonHan
         root / "repository",
         {SLOW_MODEL_NAME: SLOW_MODEL_SLEEP_S, SLEEPY_MODEL_NAME: SLEEPY_MODEL_SLEEP_S},
     )
-    handle = TritonHandle(
-        repository, TritonPorts(free_port(), free_port(), free_port()), root / "tritonserver.log"
-    )
+    handle = TritonHandle(repository, TritonPorts.free(), root / "tritonserver.log")
     try:
         handle.start()
         yield handle

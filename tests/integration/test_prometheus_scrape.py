@@ -12,7 +12,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 
 from export.demo.synthetic_head import make_head, to_nifti
-from headct.triton_local import LocalTriton
+from headct.triton_local import LocalTriton, free_port
 from helm.check import CHART, RULES_VALUE_SET, ensure_helm, render, render_rules, value_sets
 
 pytestmark = pytest.mark.integration
@@ -37,12 +36,6 @@ GATEWAY_POD, TRITON_POD = "headct-gateway-0", "headct-triton-0"
 # Bounded load against 127.0.0.1 only: a few seconds of concurrent predictions plus some bad requests.
 CONCURRENCY = 3
 PREDICTIONS = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _binary(name: str) -> str:
@@ -117,7 +110,7 @@ def prometheus(
     checked = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
-    port = _free_port()
+    port = free_port()
     log_path = workdir / "prometheus.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
