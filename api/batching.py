@@ -2,18 +2,23 @@
 batch, on top of Triton's own dynamic batcher (fewer gRPC calls, fewer 5 MB messages in flight).
 
 A batch is sent when it holds `max_size` scans or `max_delay_s` after its first scan arrived,
-whichever comes first. The call's timeout is the smallest remaining deadline of its members; a member
-whose deadline already passed is answered 504 ``deadline_exceeded`` and never sent; a member whose
-caller went away (cancelled) is left out. When the call fails, every member gets the failure.
+whichever comes first — or at once when no other scan is on its way: callers that wrap their
+preprocessing in `expecting()` tell the batcher what may still join, so a scan that is alone (the usual
+case at low load) never waits for company that cannot come, and the last of a burst closes its batch.
 
-`enabled=False` sends each scan in its own call, from the caller's task.
+The call's timeout is the smallest remaining deadline of its members; a member whose deadline already
+passed is answered 504 ``deadline_exceeded`` and never sent; a member whose caller went away
+(cancelled) is left out. When the call fails, every member gets the failure.
+
+`enabled=False` sends each scan in its own call, at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,22 +50,46 @@ class MicroBatcher:
         self._pending: list[_Member] = []
         self._timer: asyncio.TimerHandle | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self._expected = 0  # scans being prepared inside `expecting()`
 
     async def submit(self, image: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
         """One scan's (probabilities [T], embedding [D]); `deadline` is in event-loop time."""
-        loop = asyncio.get_running_loop()
-        if loop.time() >= deadline:
-            raise deadline_exceeded()
-        member = _Member(image, deadline, loop.create_future())
         if not self.enabled or self.max_size <= 1:
+            member = self._member(image, deadline)
             await self._dispatch([member])
             return member.future.result()
+        return await self.enqueue(image, deadline)
+
+    def enqueue(self, image: np.ndarray, deadline: float) -> asyncio.Future[tuple[np.ndarray, np.ndarray]]:
+        """Add one scan to the open batch now; the future resolves to its (probabilities, embedding)."""
+        member = self._member(image, deadline)
+        if not self.enabled or self.max_size <= 1:
+            self._send([member])
+            return member.future
         self._pending.append(member)
         if len(self._pending) >= self.max_size:
             self._flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.max_delay_s, self._flush)
-        return await member.future
+            self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self._flush)
+        return member.future
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Wraps the work that precedes a scan's `enqueue` (its preprocessing): while any such work is
+        under way the open batch waits (up to `max_delay_s`) for it; when the last ends, the batch goes."""
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
+            if self._expected == 0 and self._pending:
+                self._flush()
+
+    def _member(self, image: np.ndarray, deadline: float) -> _Member:
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            raise deadline_exceeded()
+        return _Member(image, deadline, loop.create_future())
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -68,9 +97,12 @@ class MicroBatcher:
             self._timer = None
         batch, self._pending = self._pending, []
         if batch:
-            task = asyncio.get_running_loop().create_task(self._dispatch(batch))
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+            self._send(batch)
+
+    def _send(self, batch: list[_Member]) -> None:
+        task = asyncio.get_running_loop().create_task(self._dispatch(batch))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
 
     async def _dispatch(self, batch: list[_Member]) -> None:
         now = asyncio.get_running_loop().time()

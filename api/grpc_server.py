@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from api import metrics
 from api.grpc_interceptors import interceptors
+from api.grpc_problems import abort_with_problem, grpc_status
 from api.prediction import PredictionService
 from api.problems import ProblemError
 from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
@@ -30,37 +31,6 @@ from api.settings import Settings
 from api.uploads import spool_chunks
 
 SERVICE_NAME = headct_pb2.DESCRIPTOR.services_by_name["HeadCT"].full_name
-
-# REST status → gRPC status; the problem's own `code` travels in the trailing metadata.
-_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-def grpc_status(http_status: int) -> grpc.StatusCode:
-    return _STATUS.get(http_status, grpc.StatusCode.INTERNAL)
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: ProblemError, request_id: str) -> None:
-    metrics.REJECTIONS.labels(code=error.code).inc()
-    problem = error.to_problem(request_id).model_dump_json(exclude_none=True)
-    context.set_trailing_metadata(
-        (
-            ("headct-problem-code", error.code),
-            ("headct-problem-http-status", str(error.status)),
-            ("headct-problem-bin", problem.encode()),
-            ("x-request-id", request_id),
-            *((("retry-after", value),) if (value := error.headers.get("Retry-After")) else ()),
-        )
-    )
-    await context.abort(grpc_status(error.status), f"{error.code}: {error.detail}")
 
 
 def _to_proto(response: PredictResponse) -> headct_pb2.PredictResponse:
@@ -128,7 +98,7 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
             return _to_proto(response)
         except ProblemError as error:
             status = grpc_status(error.status).name
-            await _abort(context, error, request_id)
+            await abort_with_problem(context, error, request_id)
             raise  # unreachable: abort raises
         finally:
             if upload is not None:
@@ -156,7 +126,7 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
                 "the first PredictChunk must carry the options, the following ones the data",
                 field="options",
             )
-            await _abort(context, error, sanitize_request_id())
+            await abort_with_problem(context, error, sanitize_request_id())
 
         async def data() -> AsyncIterator[bytes]:
             async for chunk in iterator:
@@ -175,7 +145,7 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
         try:
             info = model_info(await self.service.model.card())
         except ProblemError as error:
-            await _abort(context, error, sanitize_request_id())
+            await abort_with_problem(context, error, sanitize_request_id())
             raise
         return headct_pb2.ModelInfo(
             name=info.name,
@@ -201,7 +171,7 @@ class GrpcGateway:
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 24)],
             # API keys, the per-key limit and the outcome log line, as for REST (api/grpc_interceptors.py).
-            interceptors=interceptors(settings, SERVICE_NAME, abort=_abort, request_id=sanitize_request_id),
+            interceptors=interceptors(settings, SERVICE_NAME),
         )
         self.service = service
         self.health = HealthServicer()

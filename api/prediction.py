@@ -123,7 +123,7 @@ class PredictionService:
 
     async def close(self) -> None:
         await self.batcher.close()
-        self.pool.shutdown()
+        await asyncio.to_thread(self.pool.shutdown)
 
     async def _infer_batch(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
         return await self.model.infer_batch(batch, timeout_s)
@@ -154,13 +154,15 @@ class PredictionService:
                 started = time.perf_counter()
                 async with self.admission.slot():
                     observe("queue", time.perf_counter() - started)
-                    scan, image, warnings, seconds = await self.pool.run(
-                        _prepare, str(upload), content_type, series_uid, self.limits
-                    )
-                    for stage, value in seconds.items():
-                        observe(stage, value)
-                    started = time.perf_counter()
-                    probabilities, embedding = await self.batcher.submit(image, deadline)
+                    with self.batcher.expecting():
+                        scan, image, warnings, seconds = await self.pool.run(
+                            _prepare, str(upload), content_type, series_uid, self.limits
+                        )
+                        for stage, value in seconds.items():
+                            observe(stage, value)
+                        started = time.perf_counter()
+                        answer = self.batcher.enqueue(image, deadline)
+                    probabilities, embedding = await answer
                     observe("infer", time.perf_counter() - started)
         except TimeoutError:
             raise deadline_exceeded(

@@ -75,7 +75,10 @@ class Settings(BaseSettings):
         default=8, ge=1, description="scans per Triton call (capped by the model's max_batch_size)"
     )
     batch_max_delay_ms: float = Field(
-        default=5.0, ge=0, description="how long the first scan of a batch waits for others"
+        default=5.0,
+        ge=0,
+        description="how long the first scan of a batch waits for others still being preprocessed "
+        "(a scan with none on its way goes at once)",
     )
 
     # Lifecycle (api/lifecycle.py, api/__main__.py).

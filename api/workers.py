@@ -15,9 +15,13 @@ fresh pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,6 +33,29 @@ from api.problems import ProblemError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _exit_with_parent() -> None:
+    """Ends this worker as soon as the gateway process is gone, however it went (SIGKILL, the OOM
+    killer): the pool's workers share its task queue and would otherwise wait on it forever."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="headct-parent-watch", daemon=True).start()
+
+
+def _initialize_worker(log_level: str, log_format: str) -> None:
+    """Each worker's start: the gateway's log format (no PHI, JSON); deaf to Ctrl-C — a terminal's
+    SIGINT reaches the whole process group, but a worker's life is the pool's to end; gone with the
+    gateway."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(log_level, log_format)
+    _exit_with_parent()
 
 
 def _warm_up() -> int:
@@ -46,7 +73,7 @@ class PreprocessPool:
     ) -> None:
         self.workers = workers
         self.retry_after_s = retry_after_s
-        # Spawned workers start with bare logging: give them the gateway's formatter (no PHI, JSON).
+        # Spawned workers start with bare logging: give them the gateway's formatter.
         self._log_config = (log_level, log_format)
         self._executor: Executor | None = None
         self.generation = 0  # bumped each time a broken pool is replaced (tests, logs)
@@ -59,7 +86,7 @@ class PreprocessPool:
                 self._executor = ProcessPoolExecutor(
                     max_workers=self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=configure_logging,
+                    initializer=_initialize_worker,
                     initargs=self._log_config,
                 )
             self.generation += 1
@@ -112,7 +139,22 @@ class PreprocessPool:
                 raise self._lost() from error
         raise AssertionError("unreachable")
 
-    def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop the workers: queued jobs are cancelled, a running one gets `timeout_s` to finish, then
+        its worker is killed. Blocks up to `timeout_s` (call it off the event loop)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        # The executor's own shutdown reaps the workers; we only bound how long it may take.
+        stopping = threading.Thread(
+            target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True
+        )
+        stopping.start()
+        stopping.join(timeout_s)
+        if stopping.is_alive():
+            log.warning("preprocessing workers still busy after %.0f s; killing them", timeout_s)
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            stopping.join(2.0)

@@ -169,6 +169,15 @@ def _latency_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["label"], r["concurrency"]))
 
 
+def _values(mapping: dict[str, Any] | None, *keys: str) -> list[Any]:
+    """`mapping[key]` for each key, None where missing (a table row from a results dict)."""
+    return [(mapping or {}).get(key) for key in keys]
+
+
+def _latency_row(name: str, latency: dict[str, Any] | None) -> list[Any]:
+    return [name, *_values(latency, "p50_ms", "p90_ms", "p99_ms", "count")]
+
+
 def diagnostics(results: dict[str, Any]) -> list[str]:
     """Sentences that locate where a ratio comes from (computed from this run's own numbers)."""
     out: list[str] = []
@@ -282,39 +291,13 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
             "`timings_ms`; whatever the client sees beyond their sum is HTTP, upload spooling and JSON.",
             "",
         ]
-        gw_on = _get(ov, "gateway", "on", "latency") or {}
-        gw_off = _get(ov, "gateway", "off", "latency") or {}
         lines += _table(
             ["path", "p50 ms", "p90 ms", "p99 ms", "n"],
             [
-                [
-                    "gateway, batching on",
-                    gw_on.get("p50_ms"),
-                    gw_on.get("p90_ms"),
-                    gw_on.get("p99_ms"),
-                    gw_on.get("count"),
-                ],
-                [
-                    "gateway, batching off",
-                    gw_off.get("p50_ms"),
-                    gw_off.get("p90_ms"),
-                    gw_off.get("p99_ms"),
-                    gw_off.get("count"),
-                ],
-                [
-                    "direct: decode+validate+preprocess in-process",
-                    _get(ov, "direct_prepare", "p50_ms"),
-                    _get(ov, "direct_prepare", "p90_ms"),
-                    _get(ov, "direct_prepare", "p99_ms"),
-                    _get(ov, "direct_prepare", "count"),
-                ],
-                [
-                    "direct: Triton gRPC infer",
-                    _get(ov, "direct_infer", "p50_ms"),
-                    _get(ov, "direct_infer", "p90_ms"),
-                    _get(ov, "direct_infer", "p99_ms"),
-                    _get(ov, "direct_infer", "count"),
-                ],
+                _latency_row("gateway, batching on", _get(ov, "gateway", "on", "latency")),
+                _latency_row("gateway, batching off", _get(ov, "gateway", "off", "latency")),
+                _latency_row("direct: decode+validate+preprocess in-process", ov.get("direct_prepare")),
+                _latency_row("direct: Triton gRPC infer", ov.get("direct_infer")),
                 ["direct: sum of p50s", ov.get("direct_p50_ms"), None, None, None],
             ],
         )
@@ -327,6 +310,17 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
                 + ".",
             ]
         lines += ["", f"Overhead ratio with batching off: {_fmt(ov.get('ratio_batching_off'), 4)}."]
+        interval = ov.get("ratio_ci90") or {}
+        if interval:
+            lines += [
+                "90 % bootstrap intervals of the overhead ratio (rounds resampled as pairs; how far this "
+                "machine's noise can move the p50 ratio): "
+                + "; ".join(
+                    f"batching {key} [{_fmt(low, 3)}, {_fmt(high, 3)}]"
+                    for key, (low, high) in interval.items()
+                )
+                + "."
+            ]
         parity = results.get("parity") or {}
         if parity:
             lines += [
@@ -356,10 +350,8 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
                 [
                     name,
                     r.get("scans_per_s"),
-                    lat.get("p50_ms"),
-                    lat.get("p99_ms"),
-                    r.get("completed"),
-                    r.get("errors"),
+                    *_values(lat, "p50_ms", "p99_ms"),
+                    *_values(r, "completed", "errors"),
                 ]
             )
         lines += _table(["path", "scans/s", "p50 ms", "p99 ms", "ok", "errors"], trows)
@@ -383,12 +375,8 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
             ["path", "concurrency", "scans/s", "p50 ms", "p90 ms", "p99 ms", "errors"],
             [
                 [
-                    r["label"],
-                    r["concurrency"],
-                    r["scans_per_s"],
-                    _get(r, "latency", "p50_ms"),
-                    _get(r, "latency", "p90_ms"),
-                    _get(r, "latency", "p99_ms"),
+                    *_values(r, "label", "concurrency", "scans_per_s"),
+                    *_values(r.get("latency"), "p50_ms", "p90_ms", "p99_ms"),
                     r["errors"],
                 ]
                 for r in rows_all
@@ -400,14 +388,7 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
         lines += _table(
             ["format", "MB on the wire", "gateway p50 ms", "decode p50 ms", "preprocess p50 ms", "errors"],
             [
-                [
-                    u["format"],
-                    u["mb"],
-                    u["gateway_p50_ms"],
-                    u["decode_p50_ms"],
-                    u["preprocess_p50_ms"],
-                    u["errors"],
-                ]
+                _values(u, "format", "mb", "gateway_p50_ms", "decode_p50_ms", "preprocess_p50_ms", "errors")
                 for u in results["uploads"]
             ],
         )
@@ -451,17 +432,18 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
                 "network ms",
             ],
             [
-                [
-                    r.get("concurrency"),
-                    r.get("inferences_per_s"),
-                    r.get("p50_ms"),
-                    r.get("p99_ms"),
-                    r.get("server_queue_ms"),
-                    r.get("server_compute_input_ms"),
-                    r.get("server_compute_infer_ms"),
-                    r.get("server_compute_output_ms"),
-                    r.get("network_ms"),
-                ]
+                _values(
+                    r,
+                    "concurrency",
+                    "inferences_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                    "server_queue_ms",
+                    "server_compute_input_ms",
+                    "server_compute_infer_ms",
+                    "server_compute_output_ms",
+                    "network_ms",
+                )
                 for r in pa.get("rows", [])
             ],
         )

@@ -8,16 +8,12 @@ benchmark's own concurrency is never rejected); unknown `HEADCT_*` variables are
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from headct import contract
-from headct.triton_local import LocalTriton, TritonPorts, free_port, prepare_triton_home
+from headct.local_gateway import LocalGateway
+from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,75 +70,32 @@ class GatewayOptions:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Gateway:
-    """One `uvicorn api.main:app` process (plus whatever workers it forks) bound to a free port."""
+    """A gateway under test: the settings it runs with and its `python -m api` process."""
 
     options: GatewayOptions
-    triton_grpc_url: str
-    log_path: Path
-    model_name: str = contract.DEFAULT_MODEL_NAME
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
+    server: LocalGateway
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
 
-    def start(self) -> None:
-        env = dict(os.environ)
-        env.update(
-            HEADCT_TRITON_GRPC_URL=self.triton_grpc_url,
-            HEADCT_MODEL_NAME=self.model_name,
-            HEADCT_GRPC_PORT=str(free_port()),
-            **self.options.environment(),
-        )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "api.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "warning",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+    @property
+    def pid(self) -> int:
+        return self.server.pid
 
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"gateway not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 30) -> str:
-        if not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def start_gateway(
+    options: GatewayOptions,
+    triton_grpc_url: str,
+    log_path: Path,
+    model_name: str = contract.DEFAULT_MODEL_NAME,
+) -> Gateway:
+    """Start (not yet ready: call ``server.wait_ready()``) a production gateway with `options`."""
+    log_path.unlink(missing_ok=True)  # this run's log only
+    server = LocalGateway(
+        triton_grpc_url, settings=options.environment(), model_name=model_name, log_path=log_path
+    )
+    server.start()
+    return Gateway(options, server)

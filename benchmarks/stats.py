@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The `q`-th percentile (0..100) with linear interpolation between order statistics (numpy's default).
@@ -89,3 +91,34 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0 or math.isnan(denominator):
         return None
     return numerator / denominator
+
+
+def bootstrap_p50_ratio_interval(
+    numerator: Sequence[float],
+    denominator_parts: Sequence[Sequence[float]],
+    *,
+    confidence: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``p50(numerator) / sum(p50(part) for part in denominator_parts)``.
+
+    The samples are paired by index (round i of every path ran back to back), so rounds are resampled
+    as a whole: a burst of load on the shared machine moves both sides of the ratio together.
+
+    Raises:
+        ValueError: empty or unequal-length samples, or `confidence` outside (0, 1).
+    """
+    columns = [numerator, *denominator_parts]
+    n = len(numerator)
+    if n == 0 or any(len(column) != n for column in columns):
+        raise ValueError("bootstrap needs non-empty samples of equal length (paired by round)")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    data = np.asarray(columns, dtype=np.float64)  # [paths, rounds]
+    rounds = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    medians = np.median(data[:, rounds], axis=2)  # [paths, resamples]
+    ratios = medians[0] / medians[1:].sum(axis=0)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(ratios, [tail, 100.0 - tail])
+    return float(low), float(high)

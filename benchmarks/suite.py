@@ -20,8 +20,8 @@ import tritonclient.grpc.aio as grpc_aio
 from benchmarks import direct, inputs, load, memory, perf_analyzer, runtimes
 from benchmarks.config import BenchConfig
 from benchmarks.cpu import CpuMeter
-from benchmarks.stack import Gateway, GatewayOptions, start_triton
-from benchmarks.stats import LatencySummary, LoadResult, ratio
+from benchmarks.stack import Gateway, GatewayOptions, start_gateway, start_triton
+from benchmarks.stats import LatencySummary, LoadResult, bootstrap_p50_ratio_interval, ratio
 from headct import contract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ class Stack:
 
     def cpu_meter(self) -> CpuMeter:
         """CPU groups: Triton, each gateway tree, and this process with its pool workers ("client")."""
-        gateway_pids = {key: g.process.pid for key, g in self.gateways.items() if g.process is not None}
+        gateway_pids = {key: g.pid for key, g in self.gateways.items()}
         groups: dict[str, tuple[int, tuple[int, ...]]] = {"triton": (self.triton_pid, ())}
         groups.update({f"gateway_{key}": (pid, ()) for key, pid in gateway_pids.items()})
         groups["client"] = (os.getpid(), (self.triton_pid, *gateway_pids.values()))
@@ -161,6 +161,11 @@ async def measure_overhead(cfg: BenchConfig, stack: Stack, files: inputs.ScanFil
         "direct_p50_ms": round(direct_p50, 3),
         "ratio_batching_on": ratio(summaries["on"].p50_ms, direct_p50),
         "ratio_batching_off": ratio(summaries["off"].p50_ms, direct_p50),
+        # How far the p50 ratio could move on this machine's noise: rounds resampled as pairs.
+        "ratio_ci90": {
+            key: bootstrap_p50_ratio_interval(latencies[key], [latencies["prepare"], latencies["infer"]])
+            for key in ("on", "off")
+        },
         # CPU-seconds per scan of all our processes, per path (noise-robust companion of the ratio).
         "cpu_s_per_scan": {k: round(v / cfg.c1_requests, 4) for k, v in cpu_s.items()},
         "cpu_ratio_batching_on": ratio(cpu_s["on"], cpu_s["direct"]),
@@ -417,12 +422,11 @@ def run(
     try:
         grpc_url = f"127.0.0.1:{triton.ports.grpc}"
         for key, batching in (("on", True), ("off", False)):
-            gateways[key] = Gateway(
+            gateways[key] = start_gateway(
                 GatewayOptions(batching=batching), grpc_url, log_dir / f"gateway-{key}.log", model_name
             )
-            gateways[key].start()
         for gateway in gateways.values():
-            gateway.wait_ready()
+            gateway.server.wait_ready()
         results["gateway_options"] = {k: g.options.environment() for k, g in gateways.items()}
         assert triton.process is not None
         stack = Stack(grpc_url, gateways, triton.process.pid)
@@ -433,7 +437,7 @@ def run(
         )
     finally:
         for gateway in gateways.values():
-            gateway.stop()
+            gateway.server.stop()
         triton.stop()
     log("preprocessing: production vs MONAI reference (benchmarks.preprocess_bench)")
     results["preprocess"] = _preprocess_bench(quick=cfg.mode == "quick")

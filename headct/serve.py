@@ -1,5 +1,6 @@
 """`python -m headct.serve`: the local stack in the foreground — tritonserver (CPU, Python backend) on the
-model repository, then the gateway. Ctrl-C stops both.
+model repository, then the gateway (`python -m api`, as in production). Ctrl-C stops both, the gateway
+first (it drains what is in flight).
 
 This is what `make serve` runs once the model repository exists.
 """
@@ -13,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import uvicorn
-
 from headct import contract
+from headct.local_gateway import LocalGateway
 from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +29,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default=os.environ.get("HEADCT_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("HEADCT_PORT", "8080")))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("HEADCT_GRPC_PORT", "50051")))
     parser.add_argument("--triton-http-port", type=int, default=8000)
     parser.add_argument("--triton-grpc-port", type=int, default=8001)
     parser.add_argument("--triton-metrics-port", type=int, default=8002)
@@ -53,18 +54,34 @@ def main(argv: list[str] | None = None) -> int:
     triton.start()
     # SIGTERM (e.g. from a supervisor) stops the stack like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    gateway: LocalGateway | None = None
     try:
         triton.wait_ready(args.model_name)
         print(f"triton ready in {time.monotonic() - started:.1f} s; starting the gateway", flush=True)
-        os.environ["HEADCT_TRITON_GRPC_URL"] = f"{args.host}:{args.triton_grpc_port}"
-        os.environ["HEADCT_MODEL_NAME"] = args.model_name
-        print(
-            f"gateway: http://{args.host}:{args.port}  (docs: /docs, findings: POST /v1/predict)", flush=True
+        gateway = LocalGateway(
+            f"{args.host}:{args.triton_grpc_port}",
+            model_name=args.model_name,
+            address=args.host,
+            port=args.port,
+            grpc_port=args.grpc_port,
         )
-        uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="info")
+        gateway.start()
+        gateway.wait_ready(timeout_s=120.0, ready=False)
+        print(
+            f"gateway: http://{args.host}:{args.port}  (docs: /docs, findings: POST /v1/predict; "
+            f"gRPC on {args.grpc_port})",
+            flush=True,
+        )
+        assert gateway.process is not None
+        code = gateway.process.wait()
+        print(f"the gateway exited with {code}", flush=True)
+        return code
     except KeyboardInterrupt:
         pass
     finally:
+        if gateway is not None:
+            print("stopping the gateway (drains requests in flight)", flush=True)
+            gateway.stop()
         print("stopping tritonserver", flush=True)
         triton.stop()
     return 0

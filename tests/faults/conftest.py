@@ -20,7 +20,7 @@ from tests.faults.slow_model import SLEEPY_MODEL_NAME, SLOW_MODEL_NAME, write_fa
 from tests.stack import (
     MODEL_NAME,
     REPOSITORY,
-    Gateway,
+    LocalGateway,
     start_gateway,
     start_triton,
 )
@@ -105,26 +105,28 @@ def fault_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonHan
 
 def gateway_on(
     handle: TritonHandle, tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str
-) -> Iterator[Gateway]:
+) -> Iterator[LocalGateway]:
     assert handle.server is not None
     # One preprocessing worker: spawning and warming up fewer processes starts the gateway faster on
     # a small CI machine; these tests are about Triton and the guards, not preprocessing throughput.
     settings.setdefault("HEADCT_PREPROCESS_WORKERS", "1")
     gateway = start_gateway(handle.server, tmp_path_factory.mktemp(name) / "gateway.log", **settings)
     try:
-        gateway.wait_live()
+        gateway.wait_ready()
         yield gateway
     finally:
         gateway.stop()
 
 
 @pytest.fixture(scope="module")
-def fault_gateway(fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def fault_gateway(
+    fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalGateway]:
     """A gateway on the demo model; its deadline is the hang guard of the kill test."""
     yield from gateway_on(fault_triton, tmp_path_factory, "fault-gateway", HEADCT_REQUEST_TIMEOUT_S="30")
 
 
 @pytest.fixture(scope="module")
-def fault_client(fault_gateway: Gateway) -> Iterator[httpx.Client]:
+def fault_client(fault_gateway: LocalGateway) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=fault_gateway.url, timeout=60.0) as session:
         yield session

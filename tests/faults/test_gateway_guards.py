@@ -30,7 +30,7 @@ from export.demo.dicom_writer import multipart_body, to_bytes
 from tests.faults.conftest import SLEEPY_MODEL_SLEEP_S, TritonHandle, gateway_on
 from tests.faults.slow_model import SLEEPY_MODEL_NAME
 from tests.hostile.corpus import series, valid_nifti, zip_of
-from tests.stack import Gateway, children_by_parent
+from tests.stack import LocalGateway, children_by_parent
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +51,15 @@ def _problem(response: httpx.Response, status: int, code: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def keyed_gateway(
+    fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalGateway]:
     yield from gateway_on(
         fault_triton, tmp_path_factory, "keyed-gateway", HEADCT_API_KEYS=f"other-key,{API_KEY}"
     )
 
 
-def test_api_keys(keyed_gateway: Gateway) -> None:
+def test_api_keys(keyed_gateway: LocalGateway) -> None:
     scan = valid_nifti()
     with httpx.Client(base_url=keyed_gateway.url, timeout=HANG_GUARD_S) as client:
         missing = client.post("/v1/predict", content=scan, headers=OCTET)
@@ -95,7 +97,7 @@ def test_api_keys(keyed_gateway: Gateway) -> None:
 @pytest.fixture(scope="module")
 def limited_gateway(
     fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+) -> Iterator[LocalGateway]:
     yield from gateway_on(
         fault_triton,
         tmp_path_factory,
@@ -116,7 +118,7 @@ def _zip(entries: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def test_upload_limit_settings(limited_gateway: Gateway) -> None:
+def test_upload_limit_settings(limited_gateway: LocalGateway) -> None:
     noise = np.random.default_rng(5).integers(0, 256, 2 << 20, dtype=np.uint8).tobytes()
     with httpx.Client(base_url=limited_gateway.url, timeout=HANG_GUARD_S) as client:
 
@@ -197,7 +199,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
 @pytest.fixture(scope="module")
 def single_worker_gateway(
     fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+) -> Iterator[LocalGateway]:
     yield from gateway_on(
         fault_triton, tmp_path_factory, "single-worker-gateway", HEADCT_PREPROCESS_WORKERS="1"
     )
@@ -222,7 +224,7 @@ def _cpu_ticks(pid: int) -> int:
 
 
 def test_killed_preprocessing_worker_fails_its_request_cleanly_and_the_pool_recovers(
-    single_worker_gateway: Gateway,
+    single_worker_gateway: LocalGateway,
 ) -> None:
     scan = valid_nifti()
     url = single_worker_gateway.url

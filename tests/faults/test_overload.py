@@ -27,7 +27,7 @@ import pytest
 
 from headct.triton_local import LocalTriton
 from tests.hostile.corpus import valid_nifti
-from tests.stack import Gateway, process_tree_rss_kib, running_gateway
+from tests.stack import LocalGateway, process_tree_rss_kib, running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ OCTET = {"Content-Type": "application/octet-stream"}
 
 
 @pytest.fixture(scope="module")
-def small_gateway(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def small_gateway(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGateway]:
     # The session's Triton (tests/conftest.py), not the fault suite's, which other tests kill.
     with running_gateway(
         triton,
@@ -97,7 +97,7 @@ def _client_loop(url: str, scan: bytes, stop_at: float, outcomes: list[Outcome])
                 time.sleep(REJECTED_PAUSE_S)
 
 
-def _sampler(gateway: Gateway, stop: threading.Event, samples: Samples) -> None:
+def _sampler(gateway: LocalGateway, stop: threading.Event, samples: Samples) -> None:
     with httpx.Client(base_url=gateway.url, timeout=10.0) as client:
         while not stop.is_set():
             samples.queue_depth.append(_metric(client.get("/metrics").text, "headct_queue_depth"))
@@ -105,7 +105,7 @@ def _sampler(gateway: Gateway, stop: threading.Event, samples: Samples) -> None:
             stop.wait(0.1)
 
 
-def test_overload_sheds_load_and_stays_bounded(small_gateway: Gateway) -> None:
+def test_overload_sheds_load_and_stays_bounded(small_gateway: LocalGateway) -> None:
     scan = valid_nifti()
     with httpx.Client(base_url=small_gateway.url, timeout=REQUEST_TIMEOUT_S + 30.0) as client:
         # Warm at full capacity (every slot and queue place used, twice), so the baseline already holds

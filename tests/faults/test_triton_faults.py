@@ -16,7 +16,7 @@ import pytest
 from tests.faults.conftest import SLOW_MODEL_SLEEP_S, TritonHandle, gateway_on
 from tests.faults.slow_model import SLOW_MODEL_NAME
 from tests.hostile.corpus import valid_nifti
-from tests.stack import Gateway
+from tests.stack import LocalGateway
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def scan() -> bytes:
 @pytest.fixture(scope="module")
 def inference_timeout_gateway(
     fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+) -> Iterator[LocalGateway]:
     yield from gateway_on(
         fault_triton,
         tmp_path_factory,
@@ -49,7 +49,7 @@ def inference_timeout_gateway(
 @pytest.fixture(scope="module")
 def request_deadline_gateway(
     fault_triton: TritonHandle, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+) -> Iterator[LocalGateway]:
     yield from gateway_on(
         fault_triton,
         tmp_path_factory,
@@ -65,7 +65,7 @@ def _timed_post(url: str, scan: bytes) -> tuple[httpx.Response, float]:
     return response, time.monotonic() - started
 
 
-def test_slow_model_gets_504_inference_timeout(inference_timeout_gateway: Gateway, scan: bytes) -> None:
+def test_slow_model_gets_504_inference_timeout(inference_timeout_gateway: LocalGateway, scan: bytes) -> None:
     """HEADCT_INFERENCE_TIMEOUT_S=2 against a model that takes 20 s: 504 at the timeout, not after 20 s."""
     response, elapsed = _timed_post(inference_timeout_gateway.url, scan)
     assert response.status_code == 504, response.text
@@ -74,7 +74,7 @@ def test_slow_model_gets_504_inference_timeout(inference_timeout_gateway: Gatewa
     FIGURES["inference_timeout_504_after_s"] = round(elapsed, 2)
 
 
-def test_slow_model_gets_504_deadline_exceeded(request_deadline_gateway: Gateway, scan: bytes) -> None:
+def test_slow_model_gets_504_deadline_exceeded(request_deadline_gateway: LocalGateway, scan: bytes) -> None:
     """HEADCT_REQUEST_TIMEOUT_S=4 (queue + preprocessing + inference) against the 20 s model."""
     response, elapsed = _timed_post(request_deadline_gateway.url, scan)
     assert response.status_code == 504, response.text
@@ -124,7 +124,7 @@ def _wait(condition: object, timeout_s: float) -> bool:
 
 
 def test_triton_killed_under_load_then_restarted(
-    fault_triton: TritonHandle, fault_gateway: Gateway, fault_client: httpx.Client, scan: bytes
+    fault_triton: TritonHandle, fault_gateway: LocalGateway, fault_client: httpx.Client, scan: bytes
 ) -> None:
     assert fault_client.post("/v1/predict", content=scan, headers=OCTET).status_code == 200  # warm
     outcomes: list[Outcome] = []

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from headct.triton_local import LocalTriton
-from tests.stack import Gateway, running_gateway
+from tests.stack import LocalGateway, running_gateway
 
 #: Hang guard for one request: generous (a slow shared CI machine), but a hang fails the test.
 REQUEST_TIMEOUT_S = 60.0
@@ -35,14 +35,14 @@ def spool_dir(spool_parent: Path) -> Path:
 @pytest.fixture(scope="session")
 def hostile_gateway(
     triton: LocalTriton, spool_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+) -> Iterator[LocalGateway]:
     log_path = tmp_path_factory.mktemp("hostile-gateway") / "gateway.log"
     with running_gateway(triton, log_path, HEADCT_SPOOL_DIR=str(spool_dir)) as gateway:
         yield gateway
 
 
 @pytest.fixture(scope="session")
-def hostile_client(hostile_gateway: Gateway) -> Iterator[httpx.Client]:
+def hostile_client(hostile_gateway: LocalGateway) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=hostile_gateway.url, timeout=REQUEST_TIMEOUT_S) as session:
         yield session
 

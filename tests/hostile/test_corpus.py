@@ -12,16 +12,16 @@ import grpc
 import httpx
 import pytest
 
-from api.grpc_server import grpc_status
+from api.grpc_problems import grpc_status
 from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
 from tests.hostile.conftest import REQUEST_TIMEOUT_S
 from tests.hostile.corpus import Case, cases, valid_nifti
-from tests.stack import Gateway, process_tree_rss_kib
+from tests.stack import LocalGateway, process_tree_rss_kib
 
 pytestmark = pytest.mark.integration
 
 PROBLEM = "application/problem+json"
-#: Gateway RSS (process tree) after the corpus may exceed the warmed-up baseline by at most this.
+#: LocalGateway RSS (process tree) after the corpus may exceed the warmed-up baseline by at most this.
 MAX_RSS_GROWTH = 1.2
 CASES = cases()
 GRPC_CASES = [case for case in CASES if case.grpc]
@@ -38,7 +38,7 @@ def _predict_valid(client: httpx.Client) -> dict:
 
 
 @pytest.fixture(scope="module")
-def rss_baseline_kib(hostile_client: httpx.Client, hostile_gateway: Gateway) -> int:
+def rss_baseline_kib(hostile_client: httpx.Client, hostile_gateway: LocalGateway) -> int:
     """Gateway process-tree RSS after warm-up (two valid scans: lazy imports, pools, first Triton call)."""
     for _ in range(2):
         _predict_valid(hostile_client)
@@ -76,7 +76,7 @@ def test_hostile_upload_gets_its_problem(
 
 
 @pytest.mark.parametrize("case", GRPC_CASES, ids=[case.name for case in GRPC_CASES])
-def test_hostile_upload_over_grpc(case: Case, hostile_gateway: Gateway, corpus_dir: Path) -> None:
+def test_hostile_upload_over_grpc(case: Case, hostile_gateway: LocalGateway, corpus_dir: Path) -> None:
     path, content_type = case.build(corpus_dir)
     with grpc.insecure_channel(f"127.0.0.1:{hostile_gateway.grpc_port}") as channel:
         stub = headct_pb2_grpc.HeadCTStub(channel)
@@ -93,7 +93,7 @@ def test_hostile_upload_over_grpc(case: Case, hostile_gateway: Gateway, corpus_d
     assert problem["status"] == case.status and "Traceback" not in json.dumps(problem)
 
 
-def test_content_length_claiming_a_terabyte_is_refused_before_reading(hostile_gateway: Gateway) -> None:
+def test_content_length_claiming_a_terabyte_is_refused_before_reading(hostile_gateway: LocalGateway) -> None:
     """Only the request line and headers are sent: the gateway must answer 413 from Content-Length
     alone, not wait for a terabyte (a hang here is a read timeout)."""
     host, port = hostile_gateway.url.removeprefix("http://").split(":")
@@ -113,10 +113,10 @@ def test_content_length_claiming_a_terabyte_is_refused_before_reading(hostile_ga
 
 
 def test_chunked_body_over_the_limit_is_refused(
-    hostile_client: httpx.Client, hostile_gateway: Gateway
+    hostile_client: httpx.Client, hostile_gateway: LocalGateway
 ) -> None:
     """No Content-Length (chunked): the limit is enforced while spooling."""
-    limit = int(hostile_gateway.env["HEADCT_MAX_UPLOAD_BYTES"])
+    limit = int(hostile_gateway.settings["HEADCT_MAX_UPLOAD_BYTES"])
     chunk = bytes(1 << 20)
 
     def body() -> object:
@@ -134,7 +134,7 @@ def test_chunked_body_over_the_limit_is_refused(
 
 
 def test_gateway_memory_is_bounded_and_still_serves(
-    hostile_client: httpx.Client, hostile_gateway: Gateway, rss_baseline_kib: int, spool_dir: Path
+    hostile_client: httpx.Client, hostile_gateway: LocalGateway, rss_baseline_kib: int, spool_dir: Path
 ) -> None:
     """Runs after the corpus (file order): RSS <= 1.2 x the warmed-up baseline; a valid scan succeeds;
     no upload or scratch file is left in the spool directory."""

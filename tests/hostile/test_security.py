@@ -26,7 +26,7 @@ from export.demo.dicom_writer import multipart_body, to_bytes
 from headct.triton_local import LocalTriton
 from tests.hostile.conftest import REQUEST_TIMEOUT_S
 from tests.hostile.corpus import TRAVERSAL_NAMES, cases, sentinel_series, zip_of
-from tests.stack import Gateway
+from tests.stack import LocalGateway
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,7 @@ def _sentinel_uploads() -> Iterator[tuple[str, bytes, str, int]]:
 
 
 def test_patient_identifiers_never_leave_the_upload(
-    hostile_client: httpx.Client, hostile_gateway: Gateway, triton: LocalTriton
+    hostile_client: httpx.Client, hostile_gateway: LocalGateway, triton: LocalTriton
 ) -> None:
     # the check can fail: the sentinels really are in the headers we send
     assert all(str(sentinel_series(SENTINELS)[0].get(k)) == v for k, v in SENTINELS.items())

@@ -9,24 +9,24 @@ import httpx
 import pytest
 
 from headct.triton_local import LocalTriton
-from tests.stack import CHECKPOINTS, MODEL_NAME, REPOSITORY, ROOT, Gateway, free_port, running_gateway
+from tests.stack import CHECKPOINTS, MODEL_NAME, REPOSITORY, ROOT, LocalGateway, free_port, running_gateway
 
 __all__ = ["CHECKPOINTS", "MODEL_NAME", "REPOSITORY", "ROOT", "free_port"]
 
 
 @pytest.fixture(scope="session")
-def gateway(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGateway]:
     with running_gateway(triton, tmp_path_factory.mktemp("gateway") / "gateway.log") as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-def gateway_grpc_port(gateway: Gateway) -> int:
+def gateway_grpc_port(gateway: LocalGateway) -> int:
     return gateway.grpc_port
 
 
 @pytest.fixture(scope="session")
-def gateway_url(gateway: Gateway) -> str:
+def gateway_url(gateway: LocalGateway) -> str:
     return gateway.url
 
 

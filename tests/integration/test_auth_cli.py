@@ -21,7 +21,7 @@ from export.demo.dicom_writer import ct_series, reorient, write_series
 from export.demo.synthetic_head import make_head
 from headct.triton_local import LocalTriton
 from headct.volume import Volume
-from tests.stack import Gateway, running_gateway
+from tests.stack import LocalGateway, running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ HEADCT = Path(sys.executable).with_name("headct")
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def keyed_gateway(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGateway]:
     home = tmp_path_factory.mktemp("keyed-gateway")
     keys_file = home / "api-keys"
     keys_file.write_text(f"# test keys\n{KEY}\n{OTHER_KEY}\n")
@@ -71,7 +71,7 @@ def dicom_dir(head: Volume, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def test_rest_needs_the_key(keyed_gateway: Gateway) -> None:
+def test_rest_needs_the_key(keyed_gateway: LocalGateway) -> None:
     with httpx.Client(base_url=keyed_gateway.url, timeout=60) as http:
         missing = http.get("/v1/models")
         assert missing.status_code == 401 and missing.json()["code"] == "missing_api_key"
@@ -83,7 +83,7 @@ def test_rest_needs_the_key(keyed_gateway: Gateway) -> None:
         assert http.get("/livez").status_code == 200 and http.get("/metrics").status_code == 200
 
 
-def test_rest_predict_with_the_key(keyed_gateway: Gateway, nifti_file: Path) -> None:
+def test_rest_predict_with_the_key(keyed_gateway: LocalGateway, nifti_file: Path) -> None:
     response = httpx.post(
         f"{keyed_gateway.url}/v1/predict",
         content=nifti_file.read_bytes(),
@@ -94,7 +94,7 @@ def test_rest_predict_with_the_key(keyed_gateway: Gateway, nifti_file: Path) -> 
     assert {f["name"] for f in response.json()["findings"]}
 
 
-def test_grpc_needs_the_key(keyed_gateway: Gateway, nifti_file: Path) -> None:
+def test_grpc_needs_the_key(keyed_gateway: LocalGateway, nifti_file: Path) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{keyed_gateway.grpc_port}") as channel:
         stub = headct_pb2_grpc.HeadCTStub(channel)
         for metadata, code in (((), "missing_api_key"), ((("x-api-key", "k-wrong"),), "invalid_api_key")):
@@ -118,7 +118,7 @@ def _headct(*args: str, key: str | None = KEY) -> subprocess.CompletedProcess[st
     return subprocess.run([str(HEADCT), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_cli_predict_on_nifti(keyed_gateway: Gateway, nifti_file: Path) -> None:
+def test_cli_predict_on_nifti(keyed_gateway: LocalGateway, nifti_file: Path) -> None:
     done = _headct("predict", str(nifti_file), "--url", keyed_gateway.url)
     assert done.returncode == 0, done.stderr
     assert "finding" in done.stdout and "probability" in done.stdout and "hemorrhage" in done.stdout
@@ -131,7 +131,7 @@ def test_cli_predict_on_nifti(keyed_gateway: Gateway, nifti_file: Path) -> None:
     assert refused.returncode == 1 and "missing_api_key" in refused.stderr
 
 
-def test_cli_predict_on_a_dicom_directory_and_the_logs(keyed_gateway: Gateway, dicom_dir: Path) -> None:
+def test_cli_predict_on_a_dicom_directory_and_the_logs(keyed_gateway: LocalGateway, dicom_dir: Path) -> None:
     done = _headct("predict", str(dicom_dir), "--url", keyed_gateway.url, "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

@@ -1,7 +1,8 @@
 """The inference path and the process lifecycle against the real Triton, with extra gateway processes
 started by `python -m api` with small limits: micro-batched answers equal unbatched ones, a full
-gateway answers 429 with Retry-After, and several uvicorn workers report merged metrics. SIGTERM
-draining: tests/faults/test_gateway_guards.py; Triton down and back: tests/faults/test_triton_faults.py."""
+gateway answers 429 with Retry-After, several uvicorn workers report merged metrics, and no
+preprocessing worker outlives its gateway. SIGTERM draining: tests/faults/test_gateway_guards.py;
+Triton down and back: tests/faults/test_triton_faults.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +18,10 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.memory import process_tree
 from export.demo.synthetic_head import make_head, to_nifti
 from headct.triton_local import LocalTriton
-from tests.stack import Gateway, start_gateway
+from tests.stack import LocalGateway, start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -26,26 +29,26 @@ GRACE_S = 20.0
 OCTET = {"Content-Type": "application/octet-stream"}
 
 
-def start(triton: LocalTriton, log_path: Path, **settings: str) -> Gateway:
+def start(triton: LocalTriton, log_path: Path, **settings: str) -> LocalGateway:
     """A ready gateway with `settings` given as lower-case field names (``max_inflight="2"``)."""
     gateway = start_gateway(triton, log_path, **{f"HEADCT_{k.upper()}": v for k, v in settings.items()})
     try:
-        gateway.wait_live()
+        gateway.wait_ready()
     except (RuntimeError, TimeoutError) as failure:
         stop(gateway)
         pytest.fail(str(failure))
     return gateway
 
 
-def stop(gateway: Gateway) -> None:
+def stop(gateway: LocalGateway) -> None:
     if gateway.process.poll() is None:
         gateway.process.kill()
         gateway.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def small(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """Two in flight, one queued; batches of two go at once, a lone scan waits up to 1.5 s."""
+def small(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGateway]:
+    """Two in flight, one queued; batches of two; a scan waits up to 1.5 s for another being preprocessed."""
     gateway = start(
         triton,
         tmp_path_factory.mktemp("small-gateway") / "gateway.log",
@@ -107,7 +110,7 @@ def probabilities(response: httpx.Response) -> list[float]:
 
 
 def test_concurrent_batched_predictions_equal_sequential_ones(
-    small: Gateway, client: httpx.Client, heads: list[bytes]
+    small: LocalGateway, client: httpx.Client, heads: list[bytes]
 ) -> None:
     sequential = [
         probabilities(client.post("/v1/predict", content=body, headers=OCTET)) for body in heads[:2]
@@ -122,7 +125,7 @@ def test_concurrent_batched_predictions_equal_sequential_ones(
     assert metric(after, "headct_batch_size_sum") - metric(before, "headct_batch_size_sum") == 2
 
 
-def test_a_full_gateway_answers_429_with_retry_after(small: Gateway, heads: list[bytes]) -> None:
+def test_a_full_gateway_answers_429_with_retry_after(small: LocalGateway, heads: list[bytes]) -> None:
     responses = post_all(small.url, heads[:4])  # 2 in flight + 1 queued + at least 1 too many
     statuses = sorted(response.status_code for response in responses)
     assert 429 in statuses and set(statuses) <= {200, 429}, statuses
@@ -165,3 +168,37 @@ def test_metrics_are_merged_across_uvicorn_workers(
             gateway.process.wait(timeout=GRACE_S)
         finally:
             stop(gateway)
+
+
+def _alive(pid: int) -> bool:
+    """`pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _gone_within(pids: list[int], seconds: float) -> list[int]:
+    """The pids of `pids` still alive after waiting up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_no_preprocessing_worker_outlives_its_gateway(
+    triton: LocalTriton, tmp_path: Path, how: signal.Signals
+) -> None:
+    """Stopped (SIGTERM) or killed outright (SIGKILL: the OOM killer), the gateway leaves no process
+    behind: its preprocessing workers (and multiprocessing's helper) exit with it."""
+    gateway = start(triton, tmp_path / "gateway.log", preprocess_workers="2", grpc_enabled="false")
+    try:
+        descendants = [pid for pid in process_tree(gateway.pid) if pid != gateway.pid]
+        assert len(descendants) >= 2, descendants  # the two workers are up (started before ready)
+        gateway.process.send_signal(how)
+        gateway.process.wait(timeout=GRACE_S + 10)
+        assert _gone_within(descendants, 10.0) == []
+    finally:
+        stop(gateway)

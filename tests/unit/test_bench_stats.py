@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from benchmarks.load import closed_loop
-from benchmarks.stats import LatencySummary, LoadResult, percentile, ratio
+from benchmarks.stats import (
+    LatencySummary,
+    LoadResult,
+    bootstrap_p50_ratio_interval,
+    percentile,
+    ratio,
+)
 
 
 @pytest.mark.parametrize("q", [0, 10, 50, 90, 99, 100])
@@ -63,3 +69,32 @@ def test_closed_loop_spends_exactly_the_budget_and_counts_errors() -> None:
     assert result.errors == 4
     assert len(extras) == result.completed
     assert result.error_samples == ("RuntimeError: boom",)
+
+
+def test_bootstrap_interval_brackets_the_ratio_and_narrows_with_more_rounds() -> None:
+    rng = np.random.default_rng(3)
+
+    def sample(rounds: int) -> tuple[list[float], list[float], list[float]]:
+        load = rng.normal(1.0, 0.15, rounds)  # shared-machine noise: hits every path of a round alike
+        gateway = list(0.40 * load + rng.normal(0, 0.02, rounds))
+        prepare = list(0.30 * load + rng.normal(0, 0.02, rounds))
+        infer = list(0.06 * load + rng.normal(0, 0.005, rounds))
+        return gateway, prepare, infer
+
+    few = sample(8)
+    many = sample(200)
+    low, high = bootstrap_p50_ratio_interval(many[0], [many[1], many[2]])
+    point = float(np.median(many[0]) / (np.median(many[1]) + np.median(many[2])))
+    assert low <= point <= high
+    assert low < 0.40 / 0.36 < high  # the true ratio
+    few_low, few_high = bootstrap_p50_ratio_interval(few[0], [few[1], few[2]])
+    assert high - low < few_high - few_low
+
+
+def test_bootstrap_interval_rejects_unpaired_or_empty_samples() -> None:
+    with pytest.raises(ValueError):
+        bootstrap_p50_ratio_interval([1.0, 2.0], [[1.0]])
+    with pytest.raises(ValueError):
+        bootstrap_p50_ratio_interval([], [[]])
+    with pytest.raises(ValueError):
+        bootstrap_p50_ratio_interval([1.0], [[1.0]], confidence=1.0)

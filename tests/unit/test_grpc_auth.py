@@ -14,9 +14,8 @@ from grpc_health.v1._async import HealthServicer
 
 from api.auth import key_id
 from api.grpc_interceptors import interceptors
-from api.grpc_server import SERVICE_NAME, _abort
+from api.grpc_server import SERVICE_NAME
 from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
-from api.request_id import sanitize_request_id
 from api.settings import Settings
 
 KEY = "k-grpc-unit-key-0001"
@@ -51,9 +50,7 @@ def test_grpc_keys_and_limit(caplog: pytest.LogCaptureFixture) -> None:
 
     async def scenario() -> None:
         servicer = HoldingServicer()
-        server = grpc.aio.server(
-            interceptors=interceptors(settings, SERVICE_NAME, abort=_abort, request_id=sanitize_request_id)
-        )
+        server = grpc.aio.server(interceptors=interceptors(settings, SERVICE_NAME))
         headct_pb2_grpc.add_HeadCTServicer_to_server(servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -102,6 +102,62 @@ def test_a_lone_scan_waits_at_most_the_max_delay() -> None:
     assert infer.batches == [1]
 
 
+async def _prepared(batcher: MicroBatcher, value: float, prepare_s: float, fail: bool = False) -> Any:
+    """What PredictionService.predict does: preparation inside `expecting()`, then enqueue, then wait."""
+    with batcher.expecting():
+        await asyncio.sleep(prepare_s)
+        if fail:
+            raise ProblemError(422, "no_foreground", "nothing but air")
+        answer = batcher.enqueue(image(value), later(10))
+    return await answer
+
+
+def test_a_scan_with_nothing_else_on_its_way_goes_at_once() -> None:
+    infer = Recorder()
+
+    async def main() -> float:
+        batcher = MicroBatcher(infer, max_size=8, max_delay_s=5.0)
+        started = time.perf_counter()
+        await _prepared(batcher, 1, 0.0)
+        return time.perf_counter() - started
+
+    assert run(main()) < 1.0  # not the 5 s max delay
+    assert infer.batches == [1]
+
+
+def test_the_last_scan_being_prepared_closes_the_batch() -> None:
+    infer = Recorder()
+
+    async def main() -> tuple[float, list[Any]]:
+        batcher = MicroBatcher(infer, max_size=8, max_delay_s=5.0)
+        started = time.perf_counter()
+        results = await asyncio.gather(*(_prepared(batcher, v, 0.05 * v) for v in (1, 2, 3)))
+        return time.perf_counter() - started, results
+
+    elapsed, results = run(main())
+    assert infer.batches == [3]  # the first two waited for the third, which was on its way
+    assert elapsed < 1.0  # and nobody waited for the 5 s max delay
+    assert [float(p[0]) for p, _ in results] == [1.0, 2.0, 3.0]
+
+
+def test_a_scan_that_fails_preparation_releases_the_waiting_batch() -> None:
+    infer = Recorder()
+
+    async def main() -> tuple[float, list[Any]]:
+        batcher = MicroBatcher(infer, max_size=8, max_delay_s=5.0)
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            _prepared(batcher, 1, 0.0), _prepared(batcher, 2, 0.1, fail=True), return_exceptions=True
+        )
+        return time.perf_counter() - started, results
+
+    elapsed, (ok, failed) = run(main())
+    assert isinstance(failed, ProblemError) and failed.code == "no_foreground"
+    assert float(ok[0][0]) == 1.0
+    assert infer.batches == [1]
+    assert elapsed < 1.0
+
+
 def test_batching_off_sends_each_scan_alone() -> None:
     infer = Recorder()
 
@@ -444,6 +500,31 @@ def test_a_killed_worker_fails_its_request_with_503_and_the_pool_recovers() -> N
             assert pool.generation == generation + 1
         finally:
             pool.shutdown()
+
+    run(main())
+
+
+def test_shutdown_stops_idle_workers_at_once_and_kills_a_busy_one_after_the_timeout() -> None:
+    async def main() -> None:
+        idle = PreprocessPool(2, retry_after_s=4)
+        await idle.start()
+        workers = idle.pids()
+        started = time.perf_counter()
+        await asyncio.to_thread(idle.shutdown, 10.0)
+        assert time.perf_counter() - started < 5  # nothing to wait for
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+        busy = PreprocessPool(1, retry_after_s=4)
+        await busy.start()
+        (worker,) = busy.pids()
+        job = asyncio.create_task(busy.run(time.sleep, 60))
+        await asyncio.sleep(0.3)
+        started = time.perf_counter()
+        await asyncio.to_thread(busy.shutdown, 1.0)
+        assert time.perf_counter() - started < 5  # not the job's 60 s
+        assert not Path(f"/proc/{worker}").exists()
+        with pytest.raises(ProblemError):  # its caller hears the worker is gone
+            await job
 
     run(main())
 
