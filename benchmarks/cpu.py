@@ -49,3 +49,18 @@ class CpuMeter:
     def stop(self) -> dict[str, float]:
         end = self.snapshot()
         return {name: round(end[name] - self._start.get(name, 0.0), 3) for name in end}
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(idle, total) jiffies of all cores since boot, from the first line of /proc/stat."""
+    fields = [int(value) for value in (PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return idle, sum(fields)
+
+
+def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Share of the machine's CPU capacity in use (by anyone) between two `machine_cpu_ticks()`."""
+    total = after[1] - before[1]
+    if total <= 0:
+        return None
+    return 1.0 - (after[0] - before[0]) / total

@@ -169,6 +169,13 @@ def _latency_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["label"], r["concurrency"]))
 
 
+_THROUGHPUT_PATHS = (("on", "gateway batching on"), ("off", "gateway batching off"), ("direct", "direct"))
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 def _values(mapping: dict[str, Any] | None, *keys: str) -> list[Any]:
     """`mapping[key]` for each key, None where missing (a table row from a results dict)."""
     return [(mapping or {}).get(key) for key in keys]
@@ -228,11 +235,14 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
                 f"(on÷direct {_fmt(tp.get('cpu_per_scan_ratio'), 3)}). With the cores saturated, throughput "
                 "on a quiet machine is ≈ cores ÷ CPU-seconds per scan."
             )
-        for key, name in (
-            ("on", "gateway batching on"),
-            ("off", "gateway batching off"),
-            ("direct", "direct"),
-        ):
+        busy = tp.get("machine_busy_fraction") or {}
+        if busy:
+            out.append(
+                "Machine CPU busy while each path ran (all processes on it): "
+                + ", ".join(f"{name} {_pct(busy.get(key))}" for key, name in _THROUGHPUT_PATHS)
+                + ". A path that leaves cores idle loses throughput to waiting, not to work."
+            )
+        for key, name in _THROUGHPUT_PATHS:
             stage = _get(tp, "stage_p50_ms", key)
             if stage:
                 listed = ", ".join(f"{k} {float(v):.0f}" for k, v in stage.items())

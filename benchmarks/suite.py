@@ -17,9 +17,10 @@ import httpx
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 
+from api.workers import single_threaded_blas
 from benchmarks import direct, inputs, load, memory, perf_analyzer, runtimes
 from benchmarks.config import BenchConfig
-from benchmarks.cpu import CpuMeter
+from benchmarks.cpu import CpuMeter, busy_fraction, machine_cpu_ticks
 from benchmarks.stack import Gateway, GatewayOptions, start_gateway, start_triton
 from benchmarks.stats import LatencySummary, LoadResult, bootstrap_p50_ratio_interval, ratio
 from headct import contract
@@ -184,6 +185,7 @@ async def measure_throughput(
     stages: dict[str, list[dict[str, Any]]] = {"on": [], "off": [], "direct": []}
     cpu_s: dict[str, float] = {"on": 0.0, "off": 0.0, "direct": 0.0}
     scans: dict[str, int] = {"on": 0, "off": 0, "direct": 0}
+    busy: dict[str, list[float]] = {"on": [], "off": [], "direct": []}
     meter = stack.cpu_meter()
     client = grpc_aio.InferenceServerClient(url=stack.triton_grpc_url)
     try:
@@ -193,6 +195,7 @@ async def measure_throughput(
             warm = 2 if round_index == 0 else 0
             for key in order:
                 meter.start()
+                machine_before = machine_cpu_ticks()
                 if key == "direct":
                     result, extras = await load.closed_loop(
                         "direct", send_direct, concurrency=c, requests=cfg.throughput_requests, warmup=warm
@@ -207,6 +210,8 @@ async def measure_throughput(
                         warmup=warm,
                     )
                 used = meter.stop()
+                if (fraction := busy_fraction(machine_before, machine_cpu_ticks())) is not None:
+                    busy[key].append(fraction)
                 # The path's own processes: Triton + the client side (+ the gateway tree it goes through).
                 cpu_s[key] += used["triton"] + used["client"] + used.get(f"gateway_{key}", 0.0)
                 scans[key] += result.completed + warm
@@ -231,6 +236,9 @@ async def measure_throughput(
         "stage_p50_ms": {k: _stage_means(v) for k, v in stages.items()},
         # Noise-robust view: CPU-seconds our processes burned per scan (Triton + client + gateway tree).
         "cpu_s_per_scan": {k: round(cpu_s[k] / scans[k], 4) if scans[k] else None for k in cpu_s},
+        # Whether each path kept the cores busy (all tenants counted): near 1 for both means the
+        # throughput ratio is down to CPU-seconds per scan, plus noise.
+        "machine_busy_fraction": {k: round(statistics.mean(v), 3) if v else None for k, v in busy.items()},
         "cpu_per_scan_ratio": ratio(
             cpu_s["on"] / scans["on"] if scans["on"] else None,
             cpu_s["direct"] / scans["direct"] if scans["direct"] else None,
@@ -294,10 +302,9 @@ async def measure_uploads(cfg: BenchConfig, stack: Stack, files: inputs.ScanFile
 async def measure_rss(cfg: BenchConfig, stack: Stack, files: inputs.ScanFiles) -> dict[str, Any]:
     """Peak RSS of the gateway tree while it serves `rss_concurrency` DICOM zips at once."""
     gateway = stack.gateways["on"]
-    assert gateway.process is not None
     body = files.dicom_zip.read_bytes()
-    before_rss, before_pss, _ = memory.tree_memory_kib(gateway.process.pid)
-    with memory.TreeMemorySampler(gateway.process.pid) as sampler:
+    before_rss, before_pss, _ = memory.tree_memory_kib(gateway.pid)
+    with memory.TreeMemorySampler(gateway.pid) as sampler:
         result, extras = await _gateway_run(
             gateway, body, "application/zip", concurrency=cfg.rss_concurrency, requests=cfg.rss_concurrency
         )
@@ -316,9 +323,9 @@ async def measure_rss(cfg: BenchConfig, stack: Stack, files: inputs.ScanFiles) -
         # The gateway process first, then its workers: peak memory grows with the worker count
         # (HEADCT_PREPROCESS_WORKERS, default = CPU count, at most 8), one decoded series per worker.
         "per_process_peak_rss_mb": [
-            round(peak.per_process_rss_mb.get(gateway.process.pid, 0.0), 1),
+            round(peak.per_process_rss_mb.get(gateway.pid, 0.0), 1),
             *sorted(
-                (round(v, 1) for pid, v in peak.per_process_rss_mb.items() if pid != gateway.process.pid),
+                (round(v, 1) for pid, v in peak.per_process_rss_mb.items() if pid != gateway.pid),
                 reverse=True,
             ),
         ],
@@ -347,6 +354,9 @@ async def _measure_all(
     cfg: BenchConfig, stack: Stack, scan: inputs.ScanFiles, rss_scan: inputs.ScanFiles
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    # The direct baseline preprocesses (here and in its pool) with the BLAS set-up of the gateway's
+    # workers, so the ratios measure the gateway, not a thread setting either side could use.
+    single_threaded_blas()
     out["parity"] = await _parity(stack, scan)
     log(f"parity: {out['parity']}")
     log("gateway overhead at concurrency 1")
@@ -354,7 +364,9 @@ async def _measure_all(
     log(f"  ratio {out['overhead']['ratio_batching_on']}")
     log(f"throughput at concurrency {cfg.throughput_concurrency}")
     workers = max(1, os.cpu_count() or 1)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=single_threaded_blas
+    ) as pool:
         out["throughput"] = await measure_throughput(cfg, stack, scan, pool, workers)
     out["sweep"] = await measure_sweep(cfg, stack, scan) if cfg.sweep else []
     log("upload formats")

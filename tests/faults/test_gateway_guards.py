@@ -27,6 +27,7 @@ import pytest
 
 from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
 from export.demo.dicom_writer import multipart_body, to_bytes
+from export.demo.synthetic_head import make_head, to_nifti
 from tests.faults.conftest import SLEEPY_MODEL_SLEEP_S, TritonHandle, gateway_on
 from tests.faults.slow_model import SLEEPY_MODEL_NAME
 from tests.hostile.corpus import series, valid_nifti, zip_of
@@ -226,7 +227,9 @@ def _cpu_ticks(pid: int) -> int:
 def test_killed_preprocessing_worker_fails_its_request_cleanly_and_the_pool_recovers(
     single_worker_gateway: LocalGateway,
 ) -> None:
-    scan = valid_nifti()
+    # A full 1 mm head (~0.25 s of worker CPU), so the kill lands mid-scan: the small test head is
+    # done in about the time the loop below needs to see the worker start.
+    scan = to_nifti(make_head(np.random.default_rng(5), hemorrhage=True, edema=False)).to_bytes()
     url = single_worker_gateway.url
     assert (
         httpx.post(f"{url}/v1/predict", content=scan, headers=OCTET, timeout=HANG_GUARD_S).status_code == 200
@@ -241,7 +244,7 @@ def test_killed_preprocessing_worker_fails_its_request_cleanly_and_the_pool_reco
     )
     thread.start()
     deadline = time.monotonic() + HANG_GUARD_S
-    while _cpu_ticks(worker) < idle + 10:  # 0.1 s of CPU: it is working on our scan
+    while _cpu_ticks(worker) < idle + 5:  # 50 ms of CPU: it is working on our scan
         assert time.monotonic() < deadline and thread.is_alive(), "the worker never started the scan"
         time.sleep(0.02)
     os.kill(worker, signal.SIGKILL)

@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from benchmarks.cpu import busy_fraction, machine_cpu_ticks
 from benchmarks.load import closed_loop
 from benchmarks.stats import (
     LatencySummary,
@@ -98,3 +99,10 @@ def test_bootstrap_interval_rejects_unpaired_or_empty_samples() -> None:
         bootstrap_p50_ratio_interval([], [[]])
     with pytest.raises(ValueError):
         bootstrap_p50_ratio_interval([1.0], [[1.0]], confidence=1.0)
+
+
+def test_machine_busy_fraction_from_proc_stat() -> None:
+    idle, total = machine_cpu_ticks()
+    assert 0 <= idle <= total
+    assert busy_fraction((100, 400), (150, 600)) == pytest.approx(0.75)  # 50 idle of 200 ticks
+    assert busy_fraction((100, 400), (100, 400)) is None  # no time passed: unknown, not 0 or 1

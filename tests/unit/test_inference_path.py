@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import threadpoolctl
 
 import api.prediction
 from api import metrics
@@ -502,6 +503,22 @@ def test_a_killed_worker_fails_its_request_with_503_and_the_pool_recovers() -> N
             pool.shutdown()
 
     run(main())
+
+
+def test_workers_run_blas_single_threaded() -> None:
+    """One worker per core is the parallelism; BLAS threads on top only spin against Triton."""
+
+    async def main() -> list[dict[str, Any]]:
+        pool = PreprocessPool(1, retry_after_s=4)
+        try:
+            await pool.start()
+            return await pool.run(threadpoolctl.threadpool_info)
+        finally:
+            pool.shutdown()
+
+    blas = [info for info in run(main()) if info["user_api"] == "blas"]
+    assert blas, "numpy/scipy BLAS not loaded in the worker"
+    assert {info["num_threads"] for info in blas} == {1}
 
 
 def test_shutdown_stops_idle_workers_at_once_and_kills_a_busy_one_after_the_timeout() -> None:
