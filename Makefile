@@ -72,13 +72,13 @@ export: setup
 	$(PY) -m export --backbone "$(CHECKPOINT)" --weights $(WEIGHTS) $(foreach h,$(HEADS),--head "$(h)") \
 		--target $(TARGET) --repository $(REPOSITORY) --model-name $(MODEL_NAME) --max-batch-size $(MAX_BATCH_SIZE)
 
-# Starts its own Triton + gateways on free ports (runs beside `make serve`); writes benchmarks/results/.
+# Starts its own Triton + gateways on free ports (runs beside `make serve`); writes benchmarks/results/ (bench-quick: benchmarks/results/quick/).
 # The last line of output is the JSON summary (shared/api-contract.md).
 bench: demo
 	$(PY) -m benchmarks
 
 bench-quick: demo
-	$(PY) -m benchmarks --quick
+	$(PY) -m benchmarks --quick --out benchmarks/results/quick
 
 # Bootstraps its own tools (helm, kubernetes-validate, checkov, promtool...) under build/tools/.
 chart-check:

@@ -196,11 +196,15 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
         inner = sum(float(v) for k, v in stages.items() if k != "total")
         prepare = _get(ov, "direct_prepare", "p50_ms") or 0.0
         infer = _get(ov, "direct_infer", "p50_ms") or 0.0
+        total = float(stages.get("total", inner))
         out.append(
             f"Overhead: the gateway's own decode+validate+preprocess p50s sum to {cpu:.0f} ms vs "
             f"{prepare:.0f} ms in-process; its infer stage {stages.get('infer', 0):.0f} ms vs {infer:.0f} ms "
-            f"direct; queue {stages.get('queue', 0):.1f} ms; HTTP + upload spooling + JSON (client p50 minus "
-            f"the stages) ≈ {gw - inner:.0f} ms."
+            f"direct; queue {stages.get('queue', 0):.1f} ms. Inside the handler but outside the stages "
+            f"(its `total` p50 minus the stage p50s) ≈ {total - inner:.0f} ms: receiving and spooling the "
+            "upload, the readiness check, and handing the file to a worker process and the tensor back. "
+            f"Outside the handler (client p50 minus `total`) ≈ {gw - total:.0f} ms: HTTP parsing, "
+            "routing, JSON. p50s of parts do not add up exactly to the p50 of their sum."
         )
         per_scan = ov.get("cpu_s_per_scan") or {}
         if per_scan:
@@ -250,9 +254,9 @@ def diagnostics(results: dict[str, Any]) -> list[str]:
     env = results.get("environment") or {}
     if env.get("load_avg_at_start") is not None:
         out.append(
-            f"Load average (1/5/15 min) at start {env.get('load_avg_at_start')}, at end "
-            f"{env.get('load_avg_at_end')} on {env.get('cpu_count')} cores: above the core count, other "
-            "tenants took CPU during the run."
+            f"Load average (1/5/15 min) at start {env.get('load_avg_at_start')} on {env.get('cpu_count')} "
+            "cores (what other tenants were using before the run: near or above the core count, expect "
+            f"wider intervals); at end {env.get('load_avg_at_end')}, which includes the run's own load."
         )
     return out
 
@@ -415,9 +419,12 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
             f"{mem.get('peak_pss_mb')} MB) over up to {mem.get('processes')} processes, "
             f"{mem.get('samples')} samples. "
             f"Requests: {_get(mem, 'requests', 'completed')} ok, {_get(mem, 'requests', 'errors')} errors, "
-            f"p50 {_get(mem, 'requests', 'latency', 'p50_ms')} ms. Stage p50s: {mem.get('stage_p50_ms')}. "
-            f"Peak RSS per process (gateway first, then its {mem.get('preprocess_workers')} preprocessing "
-            f"workers): {mem.get('per_process_peak_rss_mb')} MB; each worker holds one decoded series at a "
+            f"p50 {_get(mem, 'requests', 'latency', 'p50_ms')} ms. Stage p50s (ms): "
+            + ", ".join(f"{k} {float(v):.0f}" for k, v in (mem.get("stage_p50_ms") or {}).items())
+            + ". "
+            f"Peak RSS per process (the gateway first, then its {mem.get('preprocess_workers')} "
+            "preprocessing workers and multiprocessing's resource tracker): "
+            f"{mem.get('per_process_peak_rss_mb')} MB; each worker holds one decoded series at a "
             "time, so the peak grows with HEADCT_PREPROCESS_WORKERS (default: CPU count, at most 8).",
         ]
 
@@ -454,7 +461,7 @@ def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None
                     "server_compute_output_ms",
                     "network_ms",
                 )
-                for r in pa.get("rows", [])
+                for r in sorted(pa.get("rows", []), key=lambda row: float(row.get("concurrency") or 0))
             ],
         )
 
