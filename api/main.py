@@ -5,11 +5,10 @@ Run with `uvicorn api.main:app` (settings from `HEADCT_*` environment variables)
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api import metrics
@@ -20,7 +19,7 @@ from api.lifecycle import Lifecycle
 from api.logging_config import configure_logging
 from api.prediction import PredictionService
 from api.problems import install_problem_handlers
-from api.request_id import REQUEST_ID_HEADER, sanitize_request_id
+from api.request_context import RequestContextMiddleware
 from api.routers import health, models, predict
 from api.settings import Settings, get_settings
 from api.triton import TritonModel
@@ -79,23 +78,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_problem_handlers(app)
 
-    @app.middleware("http")
-    async def request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request.state.request_id = sanitize_request_id(request.headers.get(REQUEST_ID_HEADER, ""))
-        request.state.started_at = time.perf_counter()
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
-        # Label by route template, never by raw path, so scanners cannot blow up label cardinality.
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        if route != "/metrics":
-            metrics.REQUESTS.labels(route=route, status=str(response.status_code)).inc()
-            metrics.REQUEST_DURATION.labels(route=route).observe(
-                time.perf_counter() - request.state.started_at
-            )
-        return response
-
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -110,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(predict_slot)],
         responses={**UNAUTHORIZED_RESPONSE, **KEY_LIMIT_RESPONSE},
     )
+    app.add_middleware(RequestContextMiddleware)
     # Added last = outermost: it sees the final status, also of requests that raise.
     app.add_middleware(AccessLogMiddleware)
     return app
