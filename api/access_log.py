@@ -12,58 +12,31 @@ import logging
 import time
 from typing import Any, Final
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 logger = logging.getLogger("headct.access")
 
 _QUIET_ROUTES: Final = frozenset({"/livez", "/readyz", "/metrics"})
 
 
-class AccessLogMiddleware:
-    """Pure ASGI (no body buffering): watches the response start and reads what the routes and the
-    problem handler left on ``scope["state"]``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # what the client gets when the app raises before responding
-
-        async def watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        except BaseException:
-            scope.setdefault("state", {}).setdefault("problem_code", "internal_error")
-            raise
-        finally:
-            self._log(scope, status, started)
-
-    @staticmethod
-    def _log(scope: Scope, status: int, started: float) -> None:
-        state: dict[str, Any] = scope.get("state", {})
-        route = getattr(scope.get("route"), "path", "unmatched")
-        level = logging.DEBUG if route in _QUIET_ROUTES and status < 500 else logging.INFO
-        if status >= 500:
-            level = logging.WARNING
-        if not logger.isEnabledFor(level):
-            return
-        fields: dict[str, Any] = {
-            "request_id": state.get("request_id"),
-            "method": scope.get("method"),
-            "route": route,
-            "status": status,
-            "code": state.get("problem_code"),
-            "api_key": state.get("api_key_id"),
-            "timings_ms": state.get("timings_ms"),
-            "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
-        }
-        logger.log(level, "request", extra={k: v for k, v in fields.items() if v is not None})
+def log_request(scope: Scope, status: int, started: float) -> None:
+    """The outcome line of one finished request, from what the routes and the problem handler left on
+    ``scope["state"]`` (called by api/request_context.py)."""
+    state: dict[str, Any] = scope.get("state", {})
+    route = getattr(scope.get("route"), "path", "unmatched")
+    level = logging.DEBUG if route in _QUIET_ROUTES and status < 500 else logging.INFO
+    if status >= 500:
+        level = logging.WARNING
+    if not logger.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {
+        "request_id": state.get("request_id"),
+        "method": scope.get("method"),
+        "route": route,
+        "status": status,
+        "code": state.get("problem_code"),
+        "api_key": state.get("api_key_id"),
+        "timings_ms": state.get("timings_ms"),
+        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
+    }
+    logger.log(level, "request", extra={k: v for k, v in fields.items() if v is not None})

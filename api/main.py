@@ -12,7 +12,6 @@ from fastapi import Depends, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api import metrics
-from api.access_log import AccessLogMiddleware
 from api.auth import KEY_LIMIT_RESPONSE, UNAUTHORIZED_RESPONSE, predict_slot, require_api_key
 from api.grpc_server import GrpcGateway
 from api.lifecycle import Lifecycle
@@ -92,9 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(predict_slot)],
         responses={**UNAUTHORIZED_RESPONSE, **KEY_LIMIT_RESPONSE},
     )
+    # Outermost of ours: it sees the final status, also of requests that raise.
     app.add_middleware(RequestContextMiddleware)
-    # Added last = outermost: it sees the final status, also of requests that raise.
-    app.add_middleware(AccessLogMiddleware)
     return app
 
 

@@ -1,7 +1,8 @@
 """Per-request context for every HTTP request: the request id (the caller's `X-Request-ID` when sane,
 else a new one) and the start time on ``scope["state"]`` (read as ``request.state`` by the routes and
-the problem handlers), the id echoed in the response headers, and the request counter and duration
-histogram labelled by route template.
+the problem handlers), the id echoed in the response headers; once the request is over, the request
+counter and duration histogram labelled by route template and the access log line (api/access_log.py),
+also for requests that raise. Outermost of the app's middlewares.
 
 Pure ASGI on purpose: Starlette's `BaseHTTPMiddleware` (what ``@app.middleware("http")`` makes) runs
 every chunk of the request body through an anyio task group; for a 7 MB upload that was a third of
@@ -17,6 +18,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
+from api.access_log import log_request
 from api.request_id import REQUEST_ID_HEADER, sanitize_request_id
 
 
@@ -51,7 +53,11 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            state.setdefault("problem_code", "internal_error")
+            raise
         finally:
+            log_request(scope, status, started)
             # Label by route template, never by raw path, so scanners cannot blow up label cardinality.
             route = getattr(scope.get("route"), "path", "unmatched")
             if route != "/metrics":

@@ -1,6 +1,6 @@
-"""Structured logs (api/logging_config.py, api/access_log.py): one JSON access line per request with
-the request id, key hash and stage timings, and never a patient identifier, a UID, the key or file
-contents, also not through an exception's traceback."""
+"""Structured logs (api/logging_config.py; api/access_log.py, called by api/request_context.py): one
+JSON access line per request with the request id, key hash and stage timings, and never a patient
+identifier, a UID, the key or file contents, also not through an exception's traceback."""
 
 from __future__ import annotations
 
