@@ -54,10 +54,6 @@ class MicroBatcher:
 
     async def submit(self, image: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
         """One scan's (probabilities [T], embedding [D]); `deadline` is in event-loop time."""
-        if not self.enabled or self.max_size <= 1:
-            member = self._member(image, deadline)
-            await self._dispatch([member])
-            return member.future.result()
         return await self.enqueue(image, deadline)
 
     def enqueue(self, image: np.ndarray, deadline: float) -> asyncio.Future[tuple[np.ndarray, np.ndarray]]:

@@ -14,19 +14,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.access_log import log_request
 from api.request_id import REQUEST_ID_HEADER, sanitize_request_id
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return ""
 
 
 class RequestContextMiddleware:
@@ -38,7 +31,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         state: dict[str, Any] = scope.setdefault("state", {})
-        request_id = sanitize_request_id(_header(scope, REQUEST_ID_HEADER.lower().encode()))
+        request_id = sanitize_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER, ""))
         started = time.perf_counter()
         state["request_id"] = request_id
         state["started_at"] = started

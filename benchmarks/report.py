@@ -529,6 +529,21 @@ def _series(
     return xs, ys
 
 
+def _save(
+    fig: Any, ax: Any, path: Path, *, xlabel: str = "concurrency (closed loop)", grid: bool = True
+) -> Path:
+    """Finish one figure (x label, light grid) and write it as a PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    if grid:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -546,32 +561,20 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
                 xs, ys = _series(rows, label, lambda r, p=pct: _get(r, "latency", p))
                 if xs:
                     ax.plot(xs, ys, style, color=palette(index), label=f"{label} {pct[:-3]}")
-        ax.set_xlabel("concurrency (closed loop)")
         ax.set_ylabel("latency per scan (ms)")
         ax.set_title("Latency percentiles against concurrency")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        path = out_dir / "latency_vs_concurrency.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out_dir / "latency_vs_concurrency.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label in labels:
             xs, ys = _series(rows, label, lambda r: r["scans_per_s"])
             if xs:
                 ax.plot(xs, ys, "-o", label=label)
-        ax.set_xlabel("concurrency (closed loop)")
         ax.set_ylabel("scans / s")
         ax.set_title("Throughput against concurrency")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        path = out_dir / "throughput_vs_concurrency.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out_dir / "throughput_vs_concurrency.png"))
 
     ov = results.get("overhead") or {}
     stages = ov.get("gateway_stage_p50_ms") or {}
@@ -583,7 +586,7 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         parts += [(k, float(v)) for k, v in stages.items() if k not in pipeline and k != "total"]
         other = max(0.0, gateway_total - sum(v for _, v in parts))
         bars = {
-            "gateway (c=1)": [*parts, ("http+spool+json", other)],
+            "gateway (c=1)": [*parts, ("upload+worker hand-over+http", other)],
             "direct (c=1)": [
                 ("decode+validate+preprocess", _get(ov, "direct_prepare", "p50_ms") or 0.0),
                 ("infer (direct gRPC)", _get(ov, "direct_infer", "p50_ms") or 0.0),
@@ -603,14 +606,9 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
                 )
                 left += width
         ax.set_yticks(range(len(bars)), list(bars))
-        ax.set_xlabel("p50 ms")
         ax.set_title("Where one scan's time goes")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4)
-        path = out_dir / "stage_breakdown.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out_dir / "stage_breakdown.png", xlabel="p50 ms", grid=False))
     return written
 
 

@@ -540,8 +540,9 @@ def test_shutdown_stops_idle_workers_at_once_and_kills_a_busy_one_after_the_time
         await asyncio.to_thread(busy.shutdown, 1.0)
         assert time.perf_counter() - started < 5  # not the job's 60 s
         assert not Path(f"/proc/{worker}").exists()
-        with pytest.raises(ProblemError):  # its caller hears the worker is gone
+        with pytest.raises(ProblemError) as raised:  # its caller hears the worker is gone
             await job
+        assert (raised.value.status, raised.value.code) == (503, "preprocessing_worker_lost")
 
     run(main())
 
