@@ -11,8 +11,10 @@ MODEL_NAME ?= fmhct
 DEMO_CARD := $(REPOSITORY)/$(MODEL_NAME)/model_card.json
 
 # `make export` inputs
+TASKS ?=
 CHECKPOINT ?=
 HEADS ?=
+REGISTERS ?= drop
 TARGET ?= cpu
 WEIGHTS ?= student
 MAX_BATCH_SIZE ?= 8
@@ -22,12 +24,12 @@ MAX_BATCH_SIZE ?= 8
 TORCH_PIN = $(shell $(PYTHON) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
 	print(next(r for r in d['project']['optional-dependencies']['export'] if r.startswith('torch==')))")
 
-.PHONY: help setup demo serve test lint format export bench bench-quick chart-check clean
+.PHONY: help setup tools demo serve test lint format export bench bench-quick chart-check clean
 
 help:
 	@echo "make serve        set up, build the demo model if missing, run Triton + gateway (Ctrl-C stops)"
 	@echo "make test         set up, build the demo model if missing, run lint + unit + integration tests"
-	@echo "make export       CHECKPOINT=backbone.pt HEADS='ich=ich_classifier.pt:0.5 ...' TARGET=cpu|onnx|trt"
+	@echo "make export       TASKS='ich=vit_ich.pt,ich_classifier.pt:0.5 ...' [CHECKPOINT=pretrained.pt] TARGET=cpu|onnx|trt"
 	@echo "make bench        benchmark suite (benchmarks/); make bench-quick: the same, small, < 5 min"
 	@echo "make chart-check  lint, render and validate the Helm chart"
 
@@ -46,6 +48,21 @@ $(PROTO_PY): $(PROTO) $(STAMP)
 
 setup: $(STAMP) $(PROTO_PY)
 
+# System tools the suite and chart-check use, from Debian: prometheus + promtool (rule tests, the real
+# scrape test). Installed when missing if we are root; otherwise a clear message says what to install.
+DEBIAN_TOOLS := prometheus
+tools:
+	@missing=""; for tool in prometheus promtool; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian packages: $(DEBIAN_TOOLS) (missing:$$missing)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_TOOLS) >/dev/null; \
+		else \
+			echo "missing:$$missing. Install the Debian packages '$(DEBIAN_TOOLS)' (sudo apt-get install -y $(DEBIAN_TOOLS)) or run make as root." >&2; \
+			exit 1; \
+		fi; \
+	fi
+
 # Idempotent: trains the synthetic demo model only when its checkpoints are missing and re-exports only
 # when the repository entry is stale.
 demo: setup
@@ -58,18 +75,21 @@ serve: demo
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/vermin -q --violations --no-tips -t=3.10- export/tensorrt_build.py export/reference.py export/cli.py export/__main__.py export/__init__.py headct/contract.py headct/files.py headct/__init__.py helm/headct/files/prepare_repository.py export/triton_python_model.py
 
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: demo lint chart-check
+test: demo lint tools chart-check
 	$(PY) -m pytest -q
 
+# TASKS: one NAME=BACKBONE,HEAD[:THRESHOLD] per fine-tuned run; CHECKPOINT: the shared (pretrained) backbone,
+# the served embedding; HEADS: NAME=HEAD[:THRESHOLD] heads of runs that saved exactly CHECKPOINT's weights.
 export: setup
-	@test -n "$(CHECKPOINT)" || { echo "usage: make export CHECKPOINT=backbone.pt HEADS='name=head.pt[:threshold] ...' [TARGET=cpu|onnx|trt]"; exit 2; }
-	@test -n "$(HEADS)" || { echo "HEADS is empty: give at least one NAME=PATH[:THRESHOLD]"; exit 2; }
-	$(PY) -m export --backbone "$(CHECKPOINT)" --weights $(WEIGHTS) $(foreach h,$(HEADS),--head "$(h)") \
+	@test -n "$(TASKS)$(HEADS)" || { echo "usage: make export TASKS='name=vit_name.pt,name_classifier.pt[:threshold] ...' [CHECKPOINT=pretrained.pt] [HEADS='name=head.pt[:threshold] ...'] [TARGET=cpu|onnx|trt]"; exit 2; }
+	$(PY) -m export $(if $(CHECKPOINT),--backbone "$(CHECKPOINT)") --weights $(WEIGHTS) --registers $(REGISTERS) \
+		$(foreach t,$(TASKS),--task "$(t)") $(foreach h,$(HEADS),--head "$(h)") $(EXPORT_FLAGS) \
 		--target $(TARGET) --repository $(REPOSITORY) --model-name $(MODEL_NAME) --max-batch-size $(MAX_BATCH_SIZE)
 
 # Starts its own Triton + gateways on free ports (runs beside `make serve`); writes benchmarks/results/ (bench-quick: benchmarks/results/quick/).
@@ -81,7 +101,7 @@ bench-quick: demo
 	$(PY) -m benchmarks --quick --out benchmarks/results/quick
 
 # Bootstraps its own tools (helm, kubernetes-validate, checkov, promtool...) under build/tools/.
-chart-check:
+chart-check: tools
 	$(PYTHON) -m helm.check
 
 clean:

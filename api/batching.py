@@ -6,7 +6,9 @@ whichever comes first — or at once when no other scan is on its way: callers t
 preprocessing in `expecting()` tell the batcher what may still join, so a scan that is alone (the usual
 case at low load) never waits for company that cannot come, and the last of a burst closes its batch.
 
-The call's timeout is the smallest remaining deadline of its members; a member whose deadline already
+Each scan names the Triton outputs it needs (its tasks' backbone groups); a batch asks for the union,
+and each member gets the rows of the outputs it asked for. The call's timeout is the smallest remaining
+deadline of its members; a member whose deadline already
 passed is answered 504 ``deadline_exceeded`` and never sent; a member whose caller went away
 (cancelled) is left out. When the call fails, every member gets the failure.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +28,24 @@ import numpy as np
 from api import metrics
 from api.problems import ProblemError
 
-#: ``infer(batch [N, ...], timeout_s) -> (probabilities [N, T], embeddings [N, D])``
-InferBatch = Callable[[np.ndarray, float], Awaitable[tuple[np.ndarray, np.ndarray]]]
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """A batch call's outputs ({name: [N, width]}) and the model version that computed them."""
+
+    outputs: Mapping[str, np.ndarray]
+    model_version: str = ""
+
+
+class Outputs(dict[str, np.ndarray]):
+    """One scan's outputs ({name: [width]}); `model_version` is the version that computed them ("" if the
+    call did not say), so the caller can tell whether the card it labels them with still fits."""
+
+    model_version: str = ""
+
+
+#: ``infer(batch [N, ...], timeout_s, output names) -> BatchAnswer`` (or a bare {name: [N, width]})
+InferBatch = Callable[[np.ndarray, float, Sequence[str]], Awaitable[BatchAnswer | Mapping[str, np.ndarray]]]
 
 
 def deadline_exceeded(detail: str = "the request deadline passed before inference") -> ProblemError:
@@ -38,7 +56,8 @@ def deadline_exceeded(detail: str = "the request deadline passed before inferenc
 class _Member:
     image: np.ndarray
     deadline: float  # event-loop time
-    future: asyncio.Future[tuple[np.ndarray, np.ndarray]]
+    outputs: tuple[str, ...]
+    future: asyncio.Future[Outputs]
 
 
 class MicroBatcher:
@@ -52,13 +71,16 @@ class MicroBatcher:
         self._calls: set[asyncio.Task[None]] = set()
         self._expected = 0  # scans being prepared inside `expecting()`
 
-    async def submit(self, image: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
-        """One scan's (probabilities [T], embedding [D]); `deadline` is in event-loop time."""
-        return await self.enqueue(image, deadline)
+    async def submit(self, image: np.ndarray, deadline: float, outputs: Sequence[str] = ()) -> Outputs:
+        """One scan's outputs ({name: [width]}); `deadline` is in event-loop time."""
+        return await self.enqueue(image, deadline, outputs)
 
-    def enqueue(self, image: np.ndarray, deadline: float) -> asyncio.Future[tuple[np.ndarray, np.ndarray]]:
-        """Add one scan to the open batch now; the future resolves to its (probabilities, embedding)."""
-        member = self._member(image, deadline)
+    def enqueue(
+        self, image: np.ndarray, deadline: float, outputs: Sequence[str] = ()
+    ) -> asyncio.Future[Outputs]:
+        """Add one scan to the open batch now; the future resolves to the `outputs` it asked for (all the
+        call returned when it named none)."""
+        member = self._member(image, deadline, tuple(outputs))
         if not self.enabled or self.max_size <= 1:
             self._send([member])
             return member.future
@@ -81,11 +103,11 @@ class MicroBatcher:
             if self._expected == 0 and self._pending:
                 self._flush()
 
-    def _member(self, image: np.ndarray, deadline: float) -> _Member:
+    def _member(self, image: np.ndarray, deadline: float, outputs: tuple[str, ...]) -> _Member:
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:
             raise deadline_exceeded()
-        return _Member(image, deadline, loop.create_future())
+        return _Member(image, deadline, outputs, loop.create_future())
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -118,8 +140,11 @@ class MicroBatcher:
             # A lone scan goes as a view: no 5 MB copy on the common low-load path.
             images = [member.image for member in members]
             stacked = images[0][np.newaxis] if len(images) == 1 else np.stack(images)
-            probabilities, embeddings = await self._infer(stacked, timeout_s)
-            if len(probabilities) != len(members) or len(embeddings) != len(members):
+            wanted = sorted({name for member in members for name in member.outputs})
+            answer = await self._infer(stacked, timeout_s, wanted)
+            if not isinstance(answer, BatchAnswer):
+                answer = BatchAnswer(answer)
+            if any(len(rows) != len(members) for rows in answer.outputs.values()):
                 raise ProblemError(
                     502, "inference_failed", "the inference server answered a different batch size"
                 )
@@ -130,7 +155,10 @@ class MicroBatcher:
             return
         for index, member in enumerate(members):
             if not member.future.done():
-                member.future.set_result((probabilities[index].copy(), embeddings[index].copy()))
+                names = member.outputs or tuple(answer.outputs)
+                rows = Outputs((name, answer.outputs[name][index].copy()) for name in names)
+                rows.model_version = answer.model_version
+                member.future.set_result(rows)
 
     async def close(self) -> None:
         """Send what is pending and wait for the calls under way."""

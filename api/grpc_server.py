@@ -1,8 +1,8 @@
 """The gRPC front end (`headct.v1.HeadCT`, see api/proto/headct/v1/headct.proto), served from the same
 process and event loop as REST, sharing its Triton connection, prediction service and error codes.
 
-Also serves the standard `grpc.health.v1` health service (status follows the model's readiness) and
-server reflection.
+Also serves the standard `grpc.health.v1` health service (status follows the model's readiness and its
+card check, as /readyz) and server reflection.
 """
 
 from __future__ import annotations
@@ -86,7 +86,11 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
                     prefix="headct-grpc-",
                 )
                 prediction = await self.service.predict(
-                    upload, options.content_type, series_uid=options.series_uid or None
+                    upload,
+                    options.content_type,
+                    series_uid=options.series_uid or None,
+                    tasks=selected,
+                    include_embedding=options.include_embedding,
                 )
             response = build_predict_response(
                 prediction,
@@ -192,10 +196,20 @@ class GrpcGateway:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         while True:
-            status = serving if await self.service.model.is_ready() else not_serving
+            status = serving if await self._ready() else not_serving
             await self.health.set("", status)
             await self.health.set(SERVICE_NAME, status)
             await asyncio.sleep(interval_s)
+
+    async def _ready(self) -> bool:
+        """What /readyz says: the model is ready and its card is accepted (not stale, same contract)."""
+        if not await self.service.model.is_ready():
+            return False
+        try:
+            await self.service.model.card()
+        except ProblemError:
+            return False
+        return True
 
     async def start(self) -> None:
         await self.server.start()

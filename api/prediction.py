@@ -8,6 +8,9 @@ Stages and their timings (``timings_ms`` and ``headct_stage_duration_seconds``):
   observed here, in the gateway process, so the metrics are those the gateway exports;
 - ``infer``: waiting for the batch and the Triton call (api/batching.py).
 
+Only the Triton outputs the answer needs are asked for (`outputs_for`): the probabilities of the backbone
+groups that hold the requested tasks, and the embedding group's embedding when it is included.
+
 The deadline (`request_timeout_s`) starts once the upload is spooled; at it the caller gets 504
 ``deadline_exceeded``, and what is left of it is the Triton call's gRPC timeout.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +29,7 @@ import numpy as np
 
 from api import metrics
 from api.admission import Admission
-from api.batching import MicroBatcher, deadline_exceeded
+from api.batching import BatchAnswer, MicroBatcher, deadline_exceeded
 from api.ingest import DecodedScan, decode_upload
 from api.ingest.scan import IngestLimits
 from api.problems import ProblemError
@@ -42,8 +46,28 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class InferenceResult:
-    probabilities: np.ndarray  # float32 [N tasks], in model-card task order
-    embedding: np.ndarray  # float32 [D]
+    probabilities: dict[str, float]  # task name -> probability, for the tasks that were run
+    embedding: np.ndarray | None  # float32 [D] of the card's embedding group, when asked for
+
+
+def outputs_for(card: ModelCard, tasks: Sequence[str], include_embedding: bool) -> list[str]:
+    """Triton outputs that answer `tasks` (all when empty) and, if asked, the embedding."""
+    groups = card.groups_for(list(tasks) or card.task_names)
+    names = [group.probabilities_output for group in groups if group.probabilities_output]
+    if include_embedding:
+        names.append(card.group(card.embedding_group).embedding_output)
+    return list(dict.fromkeys(names))
+
+
+def result_from(card: ModelCard, rows: Mapping[str, np.ndarray]) -> InferenceResult:
+    """One scan's output rows ({output name: [width]}) as task probabilities and the embedding."""
+    probabilities: dict[str, float] = {}
+    for group in card.groups:
+        if group.probabilities_output in rows:
+            values = rows[group.probabilities_output]
+            probabilities.update((task, float(values[i])) for i, task in enumerate(group.tasks))
+    embedding = rows.get(card.group(card.embedding_group).embedding_output)
+    return InferenceResult(probabilities=probabilities, embedding=embedding)
 
 
 @dataclass
@@ -125,8 +149,10 @@ class PredictionService:
         await self.batcher.close()
         await asyncio.to_thread(self.pool.shutdown)
 
-    async def _infer_batch(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
-        return await self.model.infer_batch(batch, timeout_s)
+    async def _infer_batch(
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str]
+    ) -> BatchAnswer | Mapping[str, np.ndarray]:
+        return await self.model.infer_batch(batch, timeout_s, outputs)
 
     def _limit_batch_size(self, card: ModelCard) -> None:
         """Never send Triton more scans at once than the model accepts (its config's max_batch_size)."""
@@ -136,12 +162,25 @@ class PredictionService:
             if limit and limit < self.batcher.max_size:
                 self.batcher.max_size = limit
 
-    async def predict(self, upload: Path, content_type: str, *, series_uid: str | None = None) -> Prediction:
+    async def predict(
+        self,
+        upload: Path,
+        content_type: str,
+        *,
+        series_uid: str | None = None,
+        tasks: Sequence[str] = (),
+        include_embedding: bool = False,
+    ) -> Prediction:
+        """One scan's prediction for `tasks` (all the card's tasks when empty)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         if not await self.model.is_ready():
             raise self.model.unavailable("the model is not ready yet")
         card = await self.model.card()
+        if missing := [task for task in tasks if task not in card.task_names]:
+            # Only when the model was replaced between reading the request and now.
+            raise self.model.unavailable(f"the model changed; it no longer has {missing}: retry")
+        outputs = outputs_for(card, tasks, include_embedding)
         self._limit_batch_size(card)
         timings_ms: dict[str, float] = {}
 
@@ -161,12 +200,24 @@ class PredictionService:
                         for stage, value in seconds.items():
                             observe(stage, value)
                         started = time.perf_counter()
-                        answer = self.batcher.enqueue(image, deadline)
-                    probabilities, embedding = await answer
+                        answer = self.batcher.enqueue(image, deadline, outputs)
+                    rows = await answer
                     observe("infer", time.perf_counter() - started)
         except TimeoutError:
             raise deadline_exceeded(
                 f"no answer within the {self.settings.request_timeout_s:g} s request deadline"
             ) from None
-        result = InferenceResult(probabilities=probabilities, embedding=embedding)
+        if rows.model_version and rows.model_version != str(card.triton_version):
+            # The model was replaced while this scan was in flight: its outputs would be labelled and
+            # thresholded by a card that does not describe them.
+            self.model.invalidate_card(
+                f"version {rows.model_version} answered a request for {card.triton_version}"
+            )
+            raise ProblemError(
+                503,
+                "model_card_stale",
+                f"the model was updated to version {rows.model_version} during this request; retry",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        result = result_from(card, rows)
         return Prediction(card=card, scan=scan, result=result, warnings=warnings, timings_ms=timings_ms)

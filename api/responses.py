@@ -25,8 +25,8 @@ def check_includes(extras: list[str]) -> None:
         )
 
 
-def select_tasks(card: ModelCard, requested: list[str]) -> list[int]:
-    """Indices (in model output order) of the requested findings; all of them when none are named."""
+def select_tasks(card: ModelCard, requested: list[str]) -> list[str]:
+    """The requested findings (checked against the card); all of them, in card order, when none are named."""
     names = card.task_names
     unknown = [name for name in requested if name not in names]
     if unknown:
@@ -38,22 +38,23 @@ def select_tasks(card: ModelCard, requested: list[str]) -> list[int]:
             observed=unknown,
             expected=names,
         )
-    return [names.index(name) for name in requested] if requested else list(range(len(names)))
+    return list(dict.fromkeys(requested)) if requested else list(names)
 
 
 def build_predict_response(
     prediction: Prediction,
     *,
-    selected: list[int],
+    selected: list[str],
     include_embedding: bool,
     request_id: str,
     started_at: float,
 ) -> PredictResponse:
     card = prediction.card
+    tasks = {task.name: task for task in card.tasks}
     findings = []
-    for index in selected:
-        task = card.tasks[index]
-        probability = float(prediction.result.probabilities[index])
+    for name in selected:
+        task = tasks[name]
+        probability = prediction.result.probabilities[name]
         metrics.FINDING_PROBABILITY.labels(finding=task.name).observe(probability)
         findings.append(
             Finding(
@@ -70,7 +71,11 @@ def build_predict_response(
         request_id=request_id,
         model=ModelRef(name=card.name, version=card.model_version, sha256=card.checkpoint_sha256),
         findings=findings,
-        embedding=prediction.result.embedding.tolist() if include_embedding else None,
+        embedding=(
+            prediction.result.embedding.tolist()
+            if include_embedding and prediction.result.embedding is not None
+            else None
+        ),
         input=InputSummary(
             shape=list(scan.file_shape),
             spacing_mm=[round(s, 4) for s in scan.file_spacing_mm],

@@ -57,6 +57,10 @@ class TaskInfo(BaseModel):
     name: str
     threshold: float
     heldout_auc: float | None = None
+    # The backbone group (one per fine-tuned run) that computes it, and how its head was paired with
+    # that backbone: "verified" (same training run) or "override" (exported with --allow-unpaired).
+    backbone_group: str | None = None
+    pairing: str | None = None
 
 
 class ModelInfo(BaseModel):

@@ -15,10 +15,11 @@ match: any missing or unexpected key or wrong shape raises ``CheckpointError``.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from export.heads import AttentiveHead, LinearHead
 from export.model import FMHCTViT, ViTConfig
+from headct.files import atomic_write_bytes, sha256_file
 
 StrPath = str | os.PathLike[str]
 
@@ -241,19 +243,88 @@ def infer_config(state: Mapping[str, Tensor], num_heads: int | None = None) -> V
 # ----------------------------------------------------------------------------------------- public API
 
 
-def load_backbone(
+Registers = Literal["drop", "keep"]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the official ``save_checkpoint`` stores beside the weights; equal in both files of one run.
+
+    The downstream code writes ``vit_<task>.pt`` and ``<task>_classifier.pt`` in the same step with the
+    same ``epoch`` and ``best_loss`` (the best mean validation AUROC), so a differing pair means the head
+    was trained on another run's backbone.
+    """
+
+    epoch: int
+    best_loss: float
+
+    def describe(self) -> str:
+        return f"epoch {self.epoch}, best_loss {self.best_loss:.6g}"
+
+
+@dataclass(frozen=True)
+class LoadedBackbone:
+    path: Path
+    model: FMHCTViT
+    config: ViTConfig
+    file_sha256: str
+    weights_sha256: str  # of the tensors as served (after prefix stripping and register handling)
+    run: RunInfo | None
+    registers: Literal["none", "dropped", "kept"]
+
+
+@dataclass(frozen=True)
+class LoadedHead:
+    path: Path
+    module: LinearHead | AttentiveHead
+    file_sha256: str
+    run: RunInfo | None
+
+
+def _run_info(obj: Any) -> RunInfo | None:
+    """``epoch``/``best_loss`` of a training dict; None for a bare state_dict or non-numeric values."""
+    if not _is_training_dict(obj):
+        return None
+    epoch, best = obj.get("epoch"), obj.get("best_loss")
+    try:
+        return RunInfo(epoch=int(epoch), best_loss=float(best))
+    except (TypeError, ValueError):
+        return None
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in state_dict order.
+
+    Two files hold the same backbone exactly when this matches, whatever their wrapper, prefixes or
+    training metadata: it is what groups tasks onto one shared backbone.
+    """
+    digest = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def load_backbone_checkpoint(
     path: StrPath,
     *,
     weights: Literal["student", "teacher"] = "student",
     num_heads: int | None = None,
-) -> tuple[FMHCTViT, ViTConfig]:
-    """Load any official backbone layout strictly; returns the float32 model in eval mode and its config.
+    registers: Registers = "keep",
+) -> LoadedBackbone:
+    """Load any official backbone layout strictly, with what serving needs to know about the file.
 
-    ``weights`` picks the DINO student (``state_dict``) or teacher (``momentum_model_state_dict``); it is an
-    error to ask for the teacher of a file that has none (bare or fine-tuned).
+    ``registers="drop"`` builds the model without the file's register tokens, as the official downstream
+    configs do (``NUM_REGISTER_TOKENS: 0``, loaded with ``strict=False``): a DINO checkpoint's 4 registers
+    then never enter the sequence (513 tokens, not 517). ``"keep"`` serves them. Only ``register_tokens``
+    may be dropped; every other tensor must still match exactly.
     """
     if weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+    if registers not in ("drop", "keep"):
+        raise ValueError(f"registers must be 'drop' or 'keep', got {registers!r}")
+    path = Path(path)
     obj = _torch_load(path)
     if _is_training_dict(obj):
         entry = "state_dict" if weights == "student" else "momentum_model_state_dict"
@@ -267,6 +338,11 @@ def load_backbone(
         raw = _as_state_dict(obj, str(path))
         source = str(path)
     state = _normalise_backbone_keys(raw)
+    register_state: Literal["none", "dropped", "kept"] = "none"
+    if "register_tokens" in state:
+        register_state = "kept" if registers == "keep" else "dropped"
+        if registers == "drop":
+            state = {k: v for k, v in state.items() if k != "register_tokens"}
     try:
         config = infer_config(state, num_heads=num_heads)
     except CheckpointError as exc:
@@ -275,11 +351,36 @@ def load_backbone(
     with torch.device("meta"):
         model = FMHCTViT(config)
     _check_and_load(model, state, source, assign=True)
-    return model.eval(), config
+    model.eval()
+    return LoadedBackbone(
+        path=path,
+        model=model,
+        config=config,
+        file_sha256=sha256_file(path),
+        weights_sha256=weights_sha256(model),
+        run=_run_info(obj),
+        registers=register_state,
+    )
 
 
-def load_head(path: StrPath, embed_dim: int, num_heads: int | None = None) -> LinearHead | AttentiveHead:
+def load_backbone(
+    path: StrPath,
+    *,
+    weights: Literal["student", "teacher"] = "student",
+    num_heads: int | None = None,
+) -> tuple[FMHCTViT, ViTConfig]:
+    """Load any official backbone layout strictly (registers kept); returns the float32 model and config.
+
+    ``weights`` picks the DINO student (``state_dict``) or teacher (``momentum_model_state_dict``); it is an
+    error to ask for the teacher of a file that has none (bare or fine-tuned).
+    """
+    loaded = load_backbone_checkpoint(path, weights=weights, num_heads=num_heads, registers="keep")
+    return loaded.model, loaded.config
+
+
+def load_head_checkpoint(path: StrPath, embed_dim: int, num_heads: int | None = None) -> LoadedHead:
     """Load a ``*_classifier.pt`` (bare or ``{"state_dict": ...}``); ``wkv.weight`` means attentive."""
+    path = Path(path)
     obj = _torch_load(path)
     raw = obj["state_dict"] if _is_training_dict(obj) else obj
     state = _strip_head_keys(_as_state_dict(raw, str(path)))
@@ -289,7 +390,12 @@ def load_head(path: StrPath, embed_dim: int, num_heads: int | None = None) -> Li
     else:
         head = LinearHead(embed_dim)
     _check_and_load(head, state, str(path), assign=False)
-    return head.eval()
+    return LoadedHead(path=path, module=head.eval(), file_sha256=sha256_file(path), run=_run_info(obj))
+
+
+def load_head(path: StrPath, embed_dim: int, num_heads: int | None = None) -> LinearHead | AttentiveHead:
+    """Load a ``*_classifier.pt`` (bare or ``{"state_dict": ...}``); ``wkv.weight`` means attentive."""
+    return load_head_checkpoint(path, embed_dim, num_heads).module
 
 
 def _compiled_layout(module: nn.Module) -> dict[str, Tensor]:
@@ -298,16 +404,9 @@ def _compiled_layout(module: nn.Module) -> dict[str, Tensor]:
 
 
 def _atomic_save(obj: Any, path: StrPath) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_finetuned(
@@ -335,12 +434,3 @@ def save_finetuned(
             },
             path,
         )
-
-
-def sha256_file(path: StrPath) -> str:
-    """Hex SHA-256 of a file, streamed in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1,10 +1,12 @@
 """Command line of `python -m export`.
 
-    python -m export --backbone PATH [--weights student|teacher] --head NAME=PATH[:THRESHOLD] ... \\
-        --target cpu|onnx|trt [--repository model_repository] [--model-name fmhct] [--version N] \\
-        [--max-batch-size 8] [--model-version STR] [--synthetic-demo]
+    python -m export --task NAME=BACKBONE,HEAD[:THRESHOLD] ... [--backbone PRETRAINED] \\
+        [--head NAME=HEAD[:THRESHOLD] ...] [--weights student|teacher] [--registers drop|keep] \\
+        [--allow-unpaired] --target cpu|onnx|trt [--repository model_repository] [--model-name fmhct] \\
+        [--version N] [--max-batch-size 8] [--model-version STR] [--synthetic-demo]
     python -m export demo [--repository model_repository]
-    python -m export build-engine --onnx PATH --plan PATH --max-batch-size N   (inside the Triton image)
+    python -m export build-engine --onnx PATH --plan PATH --max-batch-size N [--reference NPZ] \\
+        [--no-parity-gate]   (inside the Triton image; gated against model.reference.npz beside the ONNX)
 
 Exit status: 0 done or already current, 1 export failed (checkpoint, ONNX, parity, repository),
 2 usage error, 3 TensorRT engine build refused on this machine (no TensorRT or no CUDA GPU).
@@ -86,17 +88,44 @@ def export_parser() -> argparse.ArgumentParser:
         description="Export FM-HCT checkpoints into a Triton model repository "
         "(subcommands: 'demo', 'build-engine'; see their --help).",
     )
-    parser.add_argument("--backbone", type=Path, required=True, help="backbone checkpoint (.pt/.pth)")
-    parser.add_argument("--weights", choices=("student", "teacher"), default="student")
-    parser.add_argument("--num-heads", type=_positive_int, default=None, help="default embed_dim/64")
+    parser.add_argument(
+        "--task",
+        dest="tasks",
+        action="append",
+        default=[],
+        metavar="NAME=BACKBONE,HEAD[:THRESHOLD]",
+        help="a task with its own run's backbone (vit_<task>.pt) and head; repeat per task "
+        "(threshold default 0.5). Tasks whose backbones hold identical weights share one forward.",
+    )
+    parser.add_argument(
+        "--backbone",
+        type=Path,
+        default=None,
+        help="the shared (pretrained) backbone: its CLS token is the served embedding, and --head tasks "
+        "run on it",
+    )
     parser.add_argument(
         "--head",
         dest="heads",
         action="append",
         default=[],
         metavar="NAME=PATH[:THRESHOLD]",
-        help="a task head; repeat per task (threshold default 0.5)",
+        help="a task head on the shared --backbone (its run must have saved that backbone)",
     )
+    parser.add_argument("--weights", choices=("student", "teacher"), default="student")
+    parser.add_argument(
+        "--registers",
+        choices=("drop", "keep"),
+        default="drop",
+        help="register tokens of a DINO checkpoint: drop (default, as the official downstream configs, "
+        "which build the ViT without registers) or keep",
+    )
+    parser.add_argument(
+        "--allow-unpaired",
+        action="store_true",
+        help="export heads whose run pairing with their backbone cannot be verified (recorded in the card)",
+    )
+    parser.add_argument("--num-heads", type=_positive_int, default=None, help="default embed_dim/64")
     parser.add_argument("--target", choices=repository.TARGETS, required=True)
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--model-name", default=contract.DEFAULT_MODEL_NAME)
@@ -139,6 +168,19 @@ def engine_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-batch-size", type=_positive_int, required=True)
     _add_engine_options(parser)
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="ONNX Runtime reference outputs for the parity gate (default: model.reference.npz beside "
+        "--onnx, written by the export)",
+    )
+    parser.add_argument(
+        "--no-parity-gate",
+        action="store_true",
+        help="build without comparing the engine with ONNX Runtime (recorded as gate 'skipped'; the Helm "
+        "chart does not serve such an engine). Without this flag a missing reference fails the build.",
+    )
     return parser
 
 
@@ -154,19 +196,23 @@ def _engine_settings(args: argparse.Namespace) -> tensorrt_build.EngineBuildSett
 
 def _run_export(argv: Sequence[str]) -> int:
     from export import pipeline
+    from export.tasks import TaskSpec
 
     args = export_parser().parse_args(argv)
-    heads = tuple(pipeline.HeadSpec.parse(spec) for spec in args.heads)
-    for head in heads:
-        if not head.threshold_given:
-            print(f"warning: no threshold for task {head.name!r}; using {head.threshold}", file=sys.stderr)
+    tasks = tuple(TaskSpec.parse(spec) for spec in args.tasks)
+    tasks += tuple(TaskSpec.parse_head(spec) for spec in args.heads)
+    for task in tasks:
+        if not task.threshold_given:
+            print(f"warning: no threshold for task {task.name!r}; using {task.threshold}", file=sys.stderr)
     request = pipeline.ExportRequest(
         backbone=args.backbone,
-        heads=heads,
+        tasks=tasks,
         target=args.target,
         repository=args.repository,
         model_name=args.model_name,
         weights=args.weights,
+        registers=args.registers,
+        allow_unpaired=args.allow_unpaired,
         num_heads=args.num_heads,
         version=args.version,
         model_version=args.model_version,
@@ -206,9 +252,21 @@ def _run_demo(argv: Sequence[str]) -> int:
 
 def _run_build_engine(argv: Sequence[str]) -> int:
     args = engine_parser().parse_args(argv)
+    if args.no_parity_gate and args.reference is not None:
+        engine_parser().error("--reference and --no-parity-gate contradict each other")
     started = time.perf_counter()
-    built = tensorrt_build.build_engine(args.onnx, args.plan, _engine_settings(args))
-    print(f"wrote {args.plan} ({built.precision}, {built.gpu_name}) in {time.perf_counter() - started:.1f} s")
+    # Exit status (main): 3 refused (no TensorRT/GPU, TensorRT < 8.6), 1 failed (incl. the parity gate).
+    built = tensorrt_build.build_engine(
+        args.onnx,
+        args.plan,
+        _engine_settings(args),
+        reference=args.reference,
+        parity_gate=not args.no_parity_gate,
+    )
+    print(
+        f"wrote {args.plan} ({built.precision}, {built.gpu_name}, parity gate {built.gate}) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
     return EXIT_OK
 
 

@@ -13,8 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from export.pipeline import ExportOutcome, ExportRequest, HeadSpec, Log, run_export
+from export.pipeline import ExportOutcome, ExportRequest, Log, run_export
 from export.repository import ServingOptions
+from export.tasks import TaskSpec
 from headct import contract
 
 
@@ -36,10 +37,13 @@ def demo_request(
     from export.demo import train
 
     tasks = metrics.get("task_order") or list(train.TASKS)
-    heads = tuple(
-        HeadSpec(
+    # One multi-task run: every head was saved with the shared backbone in the same step (same epoch and
+    # best_loss), so each task names that backbone and the pairing check verifies it.
+    tasks = tuple(
+        TaskSpec(
             name=task,
-            path=train.head_path(checkpoints, task),
+            head=train.head_path(checkpoints, task),
+            backbone=train.backbone_path(checkpoints),
             threshold=float(metrics["tasks"][task]["threshold"]),
             heldout_auc=_auc(metrics["tasks"][task].get("auc")),
         )
@@ -47,7 +51,7 @@ def demo_request(
     )
     return ExportRequest(
         backbone=train.backbone_path(checkpoints),
-        heads=heads,
+        tasks=tasks,
         target="cpu",
         repository=repository,
         model_name=model_name,

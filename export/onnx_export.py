@@ -10,12 +10,11 @@ volumes at batch sizes other than the export batch, so a batch size baked in by 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from headct import contract
+from headct.files import sha256_file
 
 DEFAULT_OPSET = 17
 # opset 17 is the first with LayerNormalization; TensorRT maps that node to INormalizationLayer, which it
@@ -37,7 +37,18 @@ PROBABILITY_TOLERANCE = 1e-4
 EMBEDDING_TOLERANCE = 1e-3
 
 _BATCH_AXIS = "batch"
-_OUTPUT_NAMES = (contract.PROBABILITIES_NAME, contract.EMBEDDING_NAME)
+
+
+def is_probabilities_output(name: str) -> bool:
+    """``probabilities`` or ``probabilities__<group>`` (else an embedding output)."""
+    return name.split(contract.GROUP_SEPARATOR)[0] == contract.PROBABILITIES_NAME
+
+
+def _output_widths(graph: nn.Module) -> dict[str, int]:
+    widths = getattr(graph, "output_widths", None)
+    if not isinstance(widths, dict) or not widths:
+        raise OnnxExportError(f"{type(graph).__name__} does not declare its outputs (output_widths)")
+    return dict(widths)
 
 
 class OnnxExportError(RuntimeError):
@@ -56,12 +67,13 @@ class OnnxExportInfo:
     sha256: str
     opset: int
     num_tasks: int
-    embedding_dim: int
+    embedding_dim: int  # of the first backbone group
     layer_norm_nodes: int
     export_batch_size: int
     max_batch_size: int
     size_bytes: int
     seconds: float
+    outputs: dict[str, int] = field(default_factory=dict)  # output name -> width, in graph order
 
 
 @dataclass(frozen=True)
@@ -120,14 +132,6 @@ def _worst(values: Iterable[float]) -> float:
     return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def example_input(batch_size: int, *, seed: int) -> torch.Tensor:
     """Random volume in [0, 1], as FP16 (the wire dtype), so PyTorch and ORT see identical values."""
     generator = torch.Generator().manual_seed(seed)
@@ -151,9 +155,14 @@ def export_onnx(
     graph = graph.eval()
     started = time.perf_counter()
     example = example_input(EXPORT_BATCH_SIZE, seed=0)
+    widths = _output_widths(graph)
     with torch.inference_mode():
-        probabilities, embedding = graph(example)
-    num_tasks, embedding_dim = int(probabilities.shape[1]), int(embedding.shape[1])
+        produced = graph(example)
+    got = {name: int(tensor.shape[1]) for name, tensor in zip(widths, produced, strict=True)}
+    if got != widths:
+        raise OnnxExportError(f"graph outputs {got} differ from its declared outputs {widths}")
+    num_tasks = sum(w for name, w in widths.items() if is_probabilities_output(name))
+    embedding_dim = next(w for name, w in widths.items() if not is_probabilities_output(name))
 
     with _affine_batch_norms(graph), warnings.catch_warnings():
         # Choosing the TorchScript exporter is deliberate (below); its deprecation notice is noise here.
@@ -172,29 +181,26 @@ def export_onnx(
             opset_version=opset,
             do_constant_folding=True,
             input_names=[contract.INPUT_NAME],
-            output_names=list(_OUTPUT_NAMES),
-            dynamic_axes={name: {0: _BATCH_AXIS} for name in (contract.INPUT_NAME, *_OUTPUT_NAMES)},
+            output_names=list(widths),
+            dynamic_axes={name: {0: _BATCH_AXIS} for name in (contract.INPUT_NAME, *widths)},
         )
 
     model = onnx.load(str(path))
-    if _pin_output_dims(
-        model, {contract.PROBABILITIES_NAME: num_tasks, contract.EMBEDDING_NAME: embedding_dim}
-    ):
+    if _pin_output_dims(model, widths):
         # FM-HCT is < 400 MB, far below protobuf's 2 GB limit, so the model stays one file.
         onnx.save(model, str(path))
     layer_norms = verify_onnx_graph(
         model,
         opset=opset,
         expected_layer_norms=_count_layer_norms(graph),
-        num_tasks=num_tasks,
-        embedding_dim=embedding_dim,
+        outputs=widths,
     )
     del model
     # The path form checks the file as written (and would work past 2 GB); full_check runs shape inference.
     onnx.checker.check_model(str(path), full_check=True)
     return OnnxExportInfo(
         path=path,
-        sha256=sha256_of(path),
+        sha256=sha256_file(path),
         opset=opset,
         num_tasks=num_tasks,
         embedding_dim=embedding_dim,
@@ -203,6 +209,7 @@ def export_onnx(
         max_batch_size=max_batch_size,
         size_bytes=path.stat().st_size,
         seconds=time.perf_counter() - started,
+        outputs=widths,
     )
 
 
@@ -261,10 +268,19 @@ def verify_onnx_graph(
     *,
     opset: int,
     expected_layer_norms: int,
-    num_tasks: int,
-    embedding_dim: int,
+    num_tasks: int | None = None,
+    embedding_dim: int | None = None,
+    outputs: dict[str, int] | None = None,
 ) -> int:
-    """Check the exported graph against the serving contract; return the LayerNormalization node count."""
+    """Check the exported graph against the serving contract; return the LayerNormalization node count.
+
+    `outputs` maps output names to widths in order; a one-group graph may give `num_tasks` and
+    `embedding_dim` instead.
+    """
+    if outputs is None:
+        if num_tasks is None or embedding_dim is None:
+            raise ValueError("give outputs, or num_tasks and embedding_dim")
+        outputs = {contract.PROBABILITIES_NAME: num_tasks, contract.EMBEDDING_NAME: embedding_dim}
     problems: list[str] = []
     default_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if default_opset != opset:
@@ -283,15 +299,15 @@ def verify_onnx_graph(
         elif tuple(dims[1:]) != contract.INPUT_SHAPE:
             problems.append(f"{contract.INPUT_NAME} dims {dims}: only the batch axis may be dynamic")
 
-    outputs = {o.name: o for o in model.graph.output}
-    if list(outputs) != list(_OUTPUT_NAMES):
-        problems.append(f"outputs are {list(outputs)}, expected {list(_OUTPUT_NAMES)}")
-    for name, width in ((contract.PROBABILITIES_NAME, num_tasks), (contract.EMBEDDING_NAME, embedding_dim)):
-        if name not in outputs:
+    graph_outputs = {o.name: o for o in model.graph.output}
+    if list(graph_outputs) != list(outputs):
+        problems.append(f"outputs are {list(graph_outputs)}, expected {list(outputs)}")
+    for name, width in outputs.items():
+        if name not in graph_outputs:
             continue
-        if outputs[name].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        if graph_outputs[name].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             problems.append(f"{name} is not FLOAT")
-        dims = _dims(outputs[name])
+        dims = _dims(graph_outputs[name])
         if len(dims) != 2 or not isinstance(dims[0], str) or dims[1] != width:
             problems.append(f"{name} dims {dims}: expected [batch, {width}]")
 
@@ -324,25 +340,24 @@ def check_parity(
     options.intra_op_num_threads = intra_op_threads
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     graph = graph.eval()
+    names = list(_output_widths(graph))
     results: list[BatchParity] = []
     for offset, batch_size in enumerate(batch_sizes):
         image = example_input(batch_size, seed=seed + offset)
         with torch.inference_mode():
-            torch_probabilities, torch_embedding = (t.float().numpy() for t in graph(image))
-        ort_probabilities, ort_embedding = session.run(
-            list(_OUTPUT_NAMES), {contract.INPUT_NAME: image.numpy()}
-        )
-        for name, got, want in (
-            (contract.PROBABILITIES_NAME, ort_probabilities, torch_probabilities),
-            (contract.EMBEDDING_NAME, ort_embedding, torch_embedding),
-        ):
-            if got.shape != want.shape:
-                raise ParityError(f"{name}: onnxruntime shape {got.shape} != torch shape {want.shape}")
+            want = [t.float().numpy() for t in graph(image)]
+        got = session.run(names, {contract.INPUT_NAME: image.numpy()})
+        probability_diffs, embedding_diffs = [], []
+        for name, ours, theirs in zip(names, got, want, strict=True):
+            if ours.shape != theirs.shape:
+                raise ParityError(f"{name}: onnxruntime shape {ours.shape} != torch shape {theirs.shape}")
+            diffs = probability_diffs if is_probabilities_output(name) else embedding_diffs
+            diffs.append(_max_abs_diff(ours, theirs))
         results.append(
             BatchParity(
                 batch_size=batch_size,
-                max_abs_probability_diff=_max_abs_diff(ort_probabilities, torch_probabilities),
-                max_abs_embedding_diff=_max_abs_diff(ort_embedding, torch_embedding),
+                max_abs_probability_diff=_worst(probability_diffs),
+                max_abs_embedding_diff=_worst(embedding_diffs),
             )
         )
     return ParityReport(

@@ -8,6 +8,7 @@ current (same checkpoint and head hashes, tasks, thresholds, target, batch size)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import platform
 import tempfile
 import time
@@ -15,13 +16,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from export import repository, tensorrt_build
+from export import reference, repository, tensorrt_build
+from export import tasks as tasks_module
 from export.onnx_export import DEFAULT_OPSET, OnnxExportInfo, ParityReport
 from export.repository import ServingOptions, Target, WrittenEntry
+from export.tasks import ExportError, TaskSpec
 from headct import contract
-from headct.model_card import SYNTHETIC_DEMO_NOTICE, ModelCard, TaskCard
+from headct.model_card import SYNTHETIC_DEMO_NOTICE, BackboneGroup, InputContract, ModelCard, TaskCard
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from export.checkpoint import LoadedBackbone
+    from export.serving_graph import ServingGraph
 
 Log = Callable[[str], None]
 
@@ -30,46 +39,21 @@ DEFAULT_NOTICE = (
     "FM-HCT research model. Not a medical device: outputs are decision support for qualified readers and "
     "must not be the sole basis of a clinical decision."
 )
-DEFAULT_THRESHOLD = 0.5
-
-
-class ExportError(RuntimeError):
-    """The request itself is wrong (bad --head spec, duplicate task, ...)."""
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """One task: `NAME=PATH[:THRESHOLD]` on the command line."""
-
-    name: str
-    path: Path
-    threshold: float = DEFAULT_THRESHOLD
-    heldout_auc: float | None = None
-    threshold_given: bool = True
-
-    @classmethod
-    def parse(cls, text: str) -> HeadSpec:
-        name, sep, rest = text.partition("=")
-        if not sep or not name or not rest:
-            raise ExportError(f"--head {text!r}: expected NAME=PATH[:THRESHOLD]")
-        path, threshold, given = rest, DEFAULT_THRESHOLD, False
-        head, colon, tail = rest.rpartition(":")
-        if colon and head:
-            with contextlib.suppress(ValueError):  # else the ':' is part of the path, no threshold
-                threshold, path, given = float(tail), head, True
-        if not 0.0 <= threshold <= 1.0:
-            raise ExportError(f"--head {text!r}: threshold {threshold} is outside [0, 1]")
-        return cls(name=name, path=Path(path), threshold=threshold, threshold_given=given)
 
 
 @dataclass(frozen=True)
 class ExportRequest:
-    backbone: Path
-    heads: tuple[HeadSpec, ...]
+    """What to export. `backbone` is the shared (pretrained) backbone: the `embedding` of the answers
+    and the backbone of every task spec without its own; it may be None when every task names one."""
+
+    backbone: Path | None
+    tasks: tuple[TaskSpec, ...]
     target: Target
     repository: Path
     model_name: str = contract.DEFAULT_MODEL_NAME
     weights: Literal["student", "teacher"] = "student"
+    registers: Literal["drop", "keep"] = "drop"
+    allow_unpaired: bool = False
     num_heads: int | None = None
     version: int | None = None
     model_version: str | None = None
@@ -104,9 +88,12 @@ class ExportOutcome:
 
 
 def _validate(request: ExportRequest) -> None:
-    if not request.heads:
-        raise ExportError("at least one --head NAME=PATH[:THRESHOLD] is required")
-    names = [head.name for head in request.heads]
+    if not request.tasks:
+        raise ExportError("at least one --task NAME=BACKBONE,HEAD[:THRESHOLD] or --head is required")
+    shared = [spec.name for spec in request.tasks if spec.backbone is None]
+    if shared and request.backbone is None:
+        raise ExportError(f"task(s) {shared} use the shared backbone, but no --backbone was given")
+    names = [spec.name for spec in request.tasks]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ExportError(f"duplicate task names {duplicates}")
@@ -126,12 +113,43 @@ def _hash(path: Path) -> str:
     return sha256_file(path)
 
 
+def _backbone_paths(request: ExportRequest) -> list[Path]:
+    """Every backbone file of the request, shared one first, each once."""
+    paths = [request.backbone] if request.backbone is not None else []
+    paths += [spec.backbone for spec in request.tasks if spec.backbone is not None]
+    return list(dict.fromkeys(paths))
+
+
+def combined_checkpoint_sha256(file_sha256s: Sequence[str]) -> str:
+    """One backbone file: its sha256. Several: sha256 of their sorted, newline-joined hashes."""
+    unique = sorted(set(file_sha256s))
+    if len(unique) == 1:
+        return unique[0]
+    return hashlib.sha256("\n".join(unique).encode()).hexdigest()
+
+
+def _settings_fingerprint(request: ExportRequest, backbone_sha256: dict[Path, str]) -> str:
+    """What, beside the files, decides the served graph: which backbone serves which task, and how."""
+    shared = backbone_sha256[request.backbone] if request.backbone is not None else ""
+    tasks = [
+        f"{spec.name}:{backbone_sha256[spec.backbone] if spec.backbone is not None else shared}"
+        for spec in request.tasks
+    ]
+    return ";".join(
+        [f"shared:{shared}", *tasks, f"registers:{request.registers}", f"weights:{request.weights}",
+         f"allow_unpaired:{request.allow_unpaired}"]
+    )  # fmt: skip
+
+
 def current_entry(
-    request: ExportRequest, checkpoint_sha256: str, head_sha256: Sequence[str]
+    request: ExportRequest, checkpoint_sha256: str, head_sha256: Sequence[str], fingerprint: str = ""
 ) -> ModelCard | None:
     """The existing card if the repository entry already serves exactly this request, else None."""
     model_dir = request.repository / request.model_name
-    card = repository.read_model_card(model_dir)
+    try:
+        card = repository.read_model_card(model_dir)
+    except ValueError:  # a card of an older schema: not current, rewrite
+        return None
     config_path = model_dir / repository.CONFIG_FILENAME
     if card is None or not config_path.is_file():
         return None
@@ -140,14 +158,16 @@ def current_entry(
     except Exception:  # unreadable config: not current, rewrite
         return None
     wanted_tasks = [
-        (head.name, sha, head.threshold, head.heldout_auc)
-        for head, sha in zip(request.heads, head_sha256, strict=True)
+        (spec.name, sha, spec.threshold, spec.heldout_auc)
+        for spec, sha in zip(request.tasks, head_sha256, strict=True)
     ]
     have_tasks = [(t.name, t.head_sha256, t.threshold, t.heldout_auc) for t in card.tasks]
     version_dir = model_dir / str(card.triton_version)
     current = (
         card.checkpoint_sha256 == checkpoint_sha256
+        and card.exported_with.get("request_fingerprint", "") == fingerprint
         and have_tasks == wanted_tasks
+        and card.preprocessing_version == contract.PREPROCESSING_VERSION
         and card.synthetic_demo == request.synthetic_demo
         and card.max_batch_size == request.serving.max_batch_size
         and repository.target_of(config) == request.target
@@ -190,6 +210,93 @@ def _default_model_version(request: ExportRequest, checkpoint_sha256: str) -> st
     return f"{request.model_name}{kind}-{checkpoint_sha256[:12]}"
 
 
+@dataclass
+class _Loaded:
+    """The request's checkpoints, loaded, paired and grouped."""
+
+    graph: ServingGraph
+    groups: list[tasks_module.BackboneGroup]
+    embedding_group: tasks_module.BackboneGroup
+    task_cards: list[TaskCard]
+
+
+def _load_and_group(request: ExportRequest, log: Log) -> _Loaded:
+    from export.checkpoint import load_backbone_checkpoint, load_head_checkpoint
+    from export.heads import AttentiveHead
+    from export.serving_graph import GraphGroup, ServingGraph
+
+    backbones = {
+        path: load_backbone_checkpoint(
+            path, weights=request.weights, num_heads=request.num_heads, registers=request.registers
+        )
+        for path in _backbone_paths(request)
+    }
+    assignments: list[tuple[str | None, LoadedBackbone]] = []
+    if request.backbone is not None:
+        assignments.append((None, backbones[request.backbone]))
+    heads: dict[str, nn.Module] = {}
+    pairings: dict[str, tasks_module.Pairing] = {}
+    head_types: dict[str, str] = {}
+    for spec in request.tasks:
+        backbone = backbones[spec.backbone if spec.backbone is not None else request.backbone]  # type: ignore[index]
+        # The official attentive head uses the backbone's head count.
+        head = load_head_checkpoint(spec.head, backbone.config.embed_dim, backbone.config.num_heads)
+        pairings[spec.name] = tasks_module.check_pairing(
+            spec.name, backbone, head, allow_unpaired=request.allow_unpaired
+        )
+        heads[spec.name] = head.module
+        head_types[spec.name] = "attentive" if isinstance(head.module, AttentiveHead) else "linear"
+        assignments.append((spec.name, backbone))
+    groups = tasks_module.group_backbones(assignments)
+    graph = ServingGraph(
+        groups=[
+            GraphGroup(
+                group.backbone.model,
+                {task: heads[task] for task in group.tasks},
+                probabilities_output=group.probabilities_output,
+                embedding_output=group.embedding_output,
+            )
+            for group in groups
+        ]
+    )
+    group_of = {task: group for group in groups for task in group.tasks}
+    embedding_group = group_of[request.tasks[0].name] if request.backbone is None else groups[0]
+    for group in groups:
+        files = ", ".join(str(c.path) for c in group.checkpoints)
+        log(f"backbone group {group.name!r} ({files}; registers {group.backbone.registers}): {group.tasks}")
+    task_cards = [
+        TaskCard(
+            name=spec.name,
+            threshold=spec.threshold,
+            head_type=head_types[spec.name],
+            head_sha256=_hash(spec.head),
+            heldout_auc=spec.heldout_auc,
+            group=group_of[spec.name].name,
+            pairing=pairings[spec.name].status,
+            pairing_detail=pairings[spec.name].detail,
+        )
+        for spec in request.tasks
+    ]
+    return _Loaded(graph, groups, embedding_group, task_cards)
+
+
+def _card_groups(groups: Sequence[tasks_module.BackboneGroup]) -> list[BackboneGroup]:
+    return [
+        BackboneGroup(
+            name=group.name,
+            weights_sha256=group.backbone.weights_sha256,
+            checkpoints=[c.path.name for c in group.checkpoints],
+            checkpoint_sha256s=[c.file_sha256 for c in group.checkpoints],
+            architecture=group.backbone.config.to_dict(),
+            registers=group.backbone.registers,
+            tasks=list(group.tasks),
+            probabilities_output=group.probabilities_output,
+            embedding_output=group.embedding_output,
+        )
+        for group in groups
+    ]
+
+
 def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
     """Run the whole pipeline; raise on any failure (nothing is written into the repository then)."""
     _validate(request)
@@ -203,11 +310,13 @@ def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
         outcome.timings[stage] = now - clock
         clock = now
 
-    checkpoint_sha256 = _hash(request.backbone)
-    head_sha256 = [_hash(head.path) for head in request.heads]
+    backbone_sha256 = {path: _hash(path) for path in _backbone_paths(request)}
+    checkpoint_sha256 = combined_checkpoint_sha256(list(backbone_sha256.values()))
+    fingerprint = _settings_fingerprint(request, backbone_sha256)
+    head_sha256 = [_hash(spec.head) for spec in request.tasks]
     lap("hash")
     if not request.force:
-        card = current_entry(request, checkpoint_sha256, head_sha256)
+        card = current_entry(request, checkpoint_sha256, head_sha256, fingerprint)
         if card is not None:
             log(f"{model_dir}/{card.triton_version} is current (same checkpoints and settings); skipped")
             outcome.skipped, outcome.card = True, card
@@ -220,23 +329,14 @@ def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
         tensorrt_build.preflight()
 
     # torch-heavy imports only now, so that skips and refusals stay fast.
-    from export.checkpoint import load_backbone, load_head
-    from export.heads import AttentiveHead
     from export.onnx_export import check_parity, export_onnx
-    from export.serving_graph import ServingGraph
 
-    backbone, vit_config = load_backbone(
-        request.backbone, weights=request.weights, num_heads=request.num_heads
-    )
-    # The official attentive head uses the backbone's head count.
-    heads = {
-        head.name: load_head(head.path, vit_config.embed_dim, vit_config.num_heads) for head in request.heads
-    }
-    graph = ServingGraph(backbone, heads)
+    loaded = _load_and_group(request, log)
+    graph = loaded.graph
     lap("load")
     log(
-        f"loaded backbone {request.backbone} ({request.weights}; "
-        f"{sum(p.numel() for p in backbone.parameters()):,} parameters) and {len(heads)} heads"
+        f"loaded {len(loaded.groups)} backbone group(s) "
+        f"({sum(p.numel() for p in graph.parameters()):,} parameters) and {len(request.tasks)} heads"
     )
 
     with tempfile.TemporaryDirectory(prefix="fmhct-export-", dir=request.work_dir) as work:
@@ -258,8 +358,13 @@ def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
         log(parity.summary())
         parity.raise_if_failed()
 
+        # Fixed inputs (random volumes + one preprocessed synthetic head) and ONNX Runtime's outputs on
+        # them: the reference every TensorRT engine built from this ONNX is gated against, here or in the
+        # serving pod (where no ONNX Runtime for Python exists).
+        reference_path = reference.write_reference(onnx_path)
+        lap("reference")
         artifacts: dict[str, Path] = {repository.ONNX_FILENAME: onnx_path}
-        extra: dict[str, Path] = {}
+        extra: dict[str, Path] = {reference.REFERENCE_FILENAME: reference_path}
         if request.target == "trt":
             plan_path = Path(work) / repository.PLAN_FILENAME
             outcome.engine = tensorrt_build.build_engine(
@@ -274,14 +379,16 @@ def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
                 ),
                 log=log,
             )
-            artifacts = {repository.PLAN_FILENAME: plan_path}
-            extra = {plan_path.name + tensorrt_build.METADATA_SUFFIX: tensorrt_build.metadata_path(plan_path)}
+            artifacts = {repository.PLAN_FILENAME: plan_path, repository.ONNX_FILENAME: onnx_path}
+            extra[plan_path.name + tensorrt_build.METADATA_SUFFIX] = tensorrt_build.metadata_path(plan_path)
             lap("tensorrt_build")
 
         version = request.version if request.version is not None else repository.next_version(model_dir)
         exported_with = _versions(request.target, outcome.engine)
         exported_with.update(
             backbone_weights=request.weights,
+            registers=request.registers,
+            request_fingerprint=fingerprint,
             parity_max_abs_probability_diff=f"{parity.max_abs_probability_diff:.3e}",
             parity_max_abs_embedding_diff=f"{parity.max_abs_embedding_diff:.3e}",
             parity_batch_sizes=",".join(str(b.batch_size) for b in parity.batches),
@@ -294,18 +401,14 @@ def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
             notice=SYNTHETIC_DEMO_NOTICE if request.synthetic_demo else (request.notice or DEFAULT_NOTICE),
             checkpoint_sha256=checkpoint_sha256,
             onnx_sha256=info.sha256,
-            embedding_dim=info.embedding_dim,
-            architecture=vit_config.to_dict(),
-            tasks=[
-                TaskCard(
-                    name=head.name,
-                    threshold=head.threshold,
-                    head_type="attentive" if isinstance(module, AttentiveHead) else "linear",
-                    head_sha256=sha,
-                    heldout_auc=head.heldout_auc,
-                )
-                for head, sha, module in zip(request.heads, head_sha256, heads.values(), strict=True)
-            ],
+            preprocessing_version=contract.PREPROCESSING_VERSION,
+            input=InputContract(),
+            embedding_dim=loaded.embedding_group.backbone.config.embed_dim,
+            architecture=loaded.embedding_group.backbone.config.to_dict(),
+            tasks=loaded.task_cards,
+            groups=_card_groups(loaded.groups),
+            embedding_group=loaded.embedding_group.name,
+            unpaired_allowed=request.allow_unpaired,
             max_batch_size=request.serving.max_batch_size,
             exported_with=exported_with,
         )

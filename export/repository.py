@@ -3,9 +3,11 @@
 Layout (per Triton's model_repository.md):
 
     <repo>/<model>/config.pbtxt        ModelConfig, built as a protobuf message and printed by text_format
-    <repo>/<model>/labels.txt          task names, one per line (label_filename of `probabilities`)
+    <repo>/<model>/labels.txt          task names, one per line (label_filename of `probabilities`;
+                                       labels__<group>.txt for `probabilities__<group>`)
     <repo>/<model>/model_card.json     headct.model_card.ModelCard (also embedded in config parameters)
-    <repo>/<model>/<version>/          model.py + model.onnx (cpu) | model.onnx (onnx) | model.plan (trt)
+    <repo>/<model>/<version>/          model.py + model.onnx (cpu) | model.onnx (onnx) |
+                                       model.plan + model.onnx (trt; the ONNX is the fallback)
 
 Targets: `cpu` = Python-backend model running the ONNX with ONNX Runtime (what the tritonserver 2.51 bundled
 with nvidia-pytriton serves: it has no onnxruntime/tensorrt backend); `onnx` = `onnxruntime_onnx` platform
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from headct import contract
+from headct.files import atomic_write_text
 from headct.model_card import MODEL_CARD_FILENAME, MODEL_CARD_PARAMETER, ModelCard
 
 Target = Literal["cpu", "onnx", "trt"]
@@ -57,7 +59,8 @@ DEFAULT_QUEUE_TIMEOUT_US: Mapping[Target, int] = {"cpu": 60_000_000, "onnx": 10_
 _ARTIFACTS: Mapping[Target, tuple[str, ...]] = {
     "cpu": (PYTHON_MODEL_FILENAME, ONNX_FILENAME),
     "onnx": (ONNX_FILENAME,),
-    "trt": (PLAN_FILENAME,),
+    # The ONNX travels with the engine: the serving pod falls back to it when the engine cannot be used.
+    "trt": (PLAN_FILENAME, ONNX_FILENAME),
 }
 
 
@@ -88,16 +91,53 @@ def _datatype(wire: str) -> int:
     return mc.DataType.Value(f"TYPE_{wire}")
 
 
+@dataclass(frozen=True)
+class OutputSpec:
+    """One FP32 [batch, width] output; `labels` names its columns (a probabilities output's tasks)."""
+
+    name: str
+    width: int
+    labels: tuple[str, ...] = ()
+
+    @property
+    def label_filename(self) -> str:
+        """labels.txt for the plain `probabilities`, labels__<group>.txt for a group's output."""
+        _, _, group = self.name.partition(contract.GROUP_SEPARATOR)
+        return f"labels{contract.GROUP_SEPARATOR}{group}.txt" if group else LABELS_FILENAME
+
+
+def card_outputs(card: ModelCard) -> list[OutputSpec]:
+    """The outputs a card's backbone groups produce, in graph order."""
+    outputs = []
+    for group in card.groups:
+        if group.probabilities_output is not None:
+            outputs.append(OutputSpec(group.probabilities_output, len(group.tasks), tuple(group.tasks)))
+        outputs.append(OutputSpec(group.embedding_output, int(group.architecture["embed_dim"])))
+    return outputs
+
+
 def build_model_config(
     *,
     model_name: str,
     target: Target,
-    task_names: Sequence[str],
-    embedding_dim: int,
     model_card_json: str,
     options: ServingOptions,
+    task_names: Sequence[str] = (),
+    embedding_dim: int | None = None,
+    outputs: Sequence[OutputSpec] | None = None,
 ) -> mc.ModelConfig:
-    """The complete ModelConfig (Triton runs with auto-complete disabled, so nothing is left implicit)."""
+    """The complete ModelConfig (Triton runs with auto-complete disabled, so nothing is left implicit).
+
+    `outputs` lists every output (see `card_outputs`); a one-group model may give `task_names` and
+    `embedding_dim` instead.
+    """
+    if outputs is None:
+        if not task_names or embedding_dim is None:
+            raise RepositoryError("give outputs, or task_names and embedding_dim")
+        outputs = [
+            OutputSpec(contract.PROBABILITIES_NAME, len(task_names), tuple(task_names)),
+            OutputSpec(contract.EMBEDDING_NAME, embedding_dim),
+        ]
     if target not in TARGETS:
         raise RepositoryError(f"unknown target {target!r}; expected one of {TARGETS}")
     config = mc.ModelConfig(name=model_name, max_batch_size=options.max_batch_size)
@@ -116,15 +156,12 @@ def build_model_config(
     config.input.add(
         name=contract.INPUT_NAME, data_type=_datatype(contract.INPUT_DATATYPE), dims=contract.INPUT_SHAPE
     )
-    config.output.add(
-        name=contract.PROBABILITIES_NAME,
-        data_type=_datatype(contract.OUTPUT_DATATYPE),
-        dims=[len(task_names)],
-        label_filename=LABELS_FILENAME,
-    )
-    config.output.add(
-        name=contract.EMBEDDING_NAME, data_type=_datatype(contract.OUTPUT_DATATYPE), dims=[embedding_dim]
-    )
+    for output in outputs:
+        tensor = config.output.add(
+            name=output.name, data_type=_datatype(contract.OUTPUT_DATATYPE), dims=[output.width]
+        )
+        if output.labels:
+            tensor.label_filename = output.label_filename
 
     # No preferred_batch_size: Triton's batcher guide advises it only for TensorRT engines with several
     # optimization profiles of very different speed. We build one profile (1..max), so the batcher
@@ -204,17 +241,6 @@ def version_artifacts(target: Target) -> tuple[str, ...]:
     return _ARTIFACTS[target]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True)
 class WrittenEntry:
     model_dir: Path
@@ -235,8 +261,8 @@ def write_model(
     """Write `<repository>/<card.name>/` for `target`, as version `card.triton_version`.
 
     `artifacts` maps version-dir file names to source files: {"model.onnx": ...} for cpu/onnx,
-    {"model.plan": ...} for trt (model.py is added for cpu). `extra_files` land in the version dir too
-    (e.g. model.plan.json). Raises RepositoryError if that version already exists.
+    {"model.plan": ..., "model.onnx": ...} for trt (model.py is added for cpu). `extra_files` land in
+    the version dir too (e.g. model.plan.json). Raises RepositoryError if that version already exists.
     """
     if target not in TARGETS:
         raise RepositoryError(f"unknown target {target!r}; expected one of {TARGETS}")
@@ -274,19 +300,18 @@ def write_model(
         raise
 
     card_json = card.model_dump_json()
+    outputs = card_outputs(card)
     config = build_model_config(
-        model_name=card.name,
-        target=target,
-        task_names=card.task_names,
-        embedding_dim=card.embedding_dim,
-        model_card_json=card_json,
-        options=options,
+        model_name=card.name, target=target, model_card_json=card_json, options=options, outputs=outputs
     )
-    _atomic_write_text(model_dir / LABELS_FILENAME, "".join(f"{name}\n" for name in card.task_names))
-    _atomic_write_text(model_dir / MODEL_CARD_FILENAME, json.dumps(json.loads(card_json), indent=2) + "\n")
+    for output in outputs:
+        if output.labels:
+            labels = "".join(f"{name}\n" for name in output.labels)
+            atomic_write_text(model_dir / output.label_filename, labels)
+    atomic_write_text(model_dir / MODEL_CARD_FILENAME, json.dumps(json.loads(card_json), indent=2) + "\n")
     # Last, so that a polling server sees the new config only once everything it refers to exists.
     config_path = model_dir / CONFIG_FILENAME
-    _atomic_write_text(config_path, render_config(config))
+    atomic_write_text(config_path, render_config(config))
     return WrittenEntry(
         model_dir=model_dir, version=card.triton_version, version_dir=version_dir, config_path=config_path
     )

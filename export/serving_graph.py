@@ -1,35 +1,36 @@
-"""The exported serving graph: one shared backbone forward feeding N binary task heads.
+"""The exported serving graph: one or more backbone groups, each feeding its binary task heads.
 
-Wire contract (``headct.contract``): input ``image`` FP16 (B, 3, 96, 96, 96); outputs ``probabilities``
-FP32 (B, N) = softmax(logits)[:, 1] per task in ``task_names`` order, and ``embedding`` FP32 (B, D) = CLS
-token of the final-normed tokens. Only the batch dimension is dynamic.
+Wire contract (``headct.contract``): input ``image`` FP16 (B, 3, 96, 96, 96). Per backbone group, in
+group order: FP32 (B, n) probabilities = softmax(logits)[:, 1] per task of the group (absent for an
+embedding-only group), then FP32 (B, D) embedding = CLS token of that backbone's final-normed tokens.
+A graph with one group names them ``probabilities`` and ``embedding``; with several,
+``probabilities__<group>`` and ``embedding__<group>`` (``headct.contract.probabilities_output``). Only the
+batch dimension is dynamic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from export.model import FMHCTViT
-from headct.contract import (
-    EMBEDDING_NAME,
-    INPUT_CHANNELS,
-    INPUT_NAME,
-    INPUT_SPATIAL,
-    PROBABILITIES_NAME,
-)
+from headct import contract
+from headct.contract import INPUT_CHANNELS, INPUT_NAME, INPUT_SPATIAL
 
 
-class ServingGraph(nn.Module):
-    """Backbone + heads in eval mode, returning (probabilities [B, N], embedding [B, D]) in float32."""
+class GraphGroup(nn.Module):
+    """One backbone and the heads that read its tokens."""
 
-    input_names: ClassVar[tuple[str, ...]] = (INPUT_NAME,)
-    output_names: ClassVar[tuple[str, ...]] = (PROBABILITIES_NAME, EMBEDDING_NAME)
-
-    def __init__(self, backbone: FMHCTViT, heads: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        backbone: FMHCTViT,
+        heads: Mapping[str, nn.Module],
+        *,
+        probabilities_output: str | None = contract.PROBABILITIES_NAME,
+        embedding_output: str = contract.EMBEDDING_NAME,
+    ) -> None:
         super().__init__()
         cfg = backbone.config
         if cfg.in_chans != INPUT_CHANNELS or (cfg.img_size,) * 3 != tuple(INPUT_SPATIAL):
@@ -37,8 +38,8 @@ class ServingGraph(nn.Module):
                 f"backbone expects ({cfg.in_chans}, {cfg.img_size}^3) input; the serving contract is "
                 f"({INPUT_CHANNELS}, {'x'.join(map(str, INPUT_SPATIAL))})"
             )
-        if not heads:
-            raise ValueError("ServingGraph needs at least one task head")
+        if bool(heads) != (probabilities_output is not None):
+            raise ValueError("a group has a probabilities output exactly when it has task heads")
         for name, head in heads.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"task names must be non-empty strings, got {name!r}")
@@ -51,12 +52,85 @@ class ServingGraph(nn.Module):
         # A ModuleList (not ModuleDict) keeps task order and accepts any task name, e.g. "keys" or "a.b".
         self.heads = nn.ModuleList(heads.values())
         self.task_names: list[str] = list(heads)
+        self.probabilities_output = probabilities_output
+        self.embedding_output = embedding_output
+
+    @property
+    def output_widths(self) -> dict[str, int]:
+        widths = {self.probabilities_output: len(self.heads)} if self.probabilities_output else {}
+        return {**widths, self.embedding_output: self.backbone.config.embed_dim}
+
+    def forward(self, image: Tensor) -> list[Tensor]:
+        tokens = self.backbone.forward_features(image)
+        outputs = []
+        if self.heads:
+            outputs.append(torch.stack([torch.softmax(h(tokens), dim=-1)[:, 1] for h in self.heads], dim=1))
+        outputs.append(tokens[:, 0, :])
+        return outputs
+
+
+class ServingGraph(nn.Module):
+    """Backbone groups + heads in eval mode; outputs in float32, named by `output_names`.
+
+    ``ServingGraph(backbone, heads)`` is the one-group graph (plain output names);
+    ``ServingGraph(groups=[...])`` the general one.
+    """
+
+    input_names: tuple[str, ...] = (INPUT_NAME,)
+
+    def __init__(
+        self,
+        backbone: FMHCTViT | None = None,
+        heads: Mapping[str, nn.Module] | None = None,
+        *,
+        groups: Sequence[GraphGroup] | None = None,
+    ) -> None:
+        super().__init__()
+        if groups is None:
+            if backbone is None or heads is None:
+                raise ValueError("give a backbone and its heads, or groups")
+            if not heads:
+                raise ValueError("ServingGraph needs at least one task head")
+            groups = [GraphGroup(backbone, heads)]
+        elif backbone is not None or heads is not None:
+            raise ValueError("give a backbone and its heads, or groups, not both")
+        if not any(group.heads for group in groups):
+            raise ValueError("ServingGraph needs at least one task head")
+        names = [name for group in groups for name in group.output_widths]
+        if len(set(names)) != len(names):
+            raise ValueError(f"output names repeat: {names}")
+        tasks = [task for group in groups for task in group.task_names]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names repeat: {tasks}")
+        self.groups = nn.ModuleList(groups)
         self.eval()  # BatchNorm must use running statistics; the graph is never trained
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        tokens = self.backbone.forward_features(image.to(torch.float32))
-        probabilities = torch.stack([torch.softmax(head(tokens), dim=-1)[:, 1] for head in self.heads], dim=1)
-        return probabilities, tokens[:, 0, :]
+    @property
+    def backbone(self) -> FMHCTViT:
+        """The first group's backbone (the only one of a one-group graph)."""
+        return self.groups[0].backbone
+
+    @property
+    def heads(self) -> nn.ModuleList:
+        """The first group's heads (all heads of a one-group graph)."""
+        return self.groups[0].heads
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task for group in self.groups for task in group.task_names]
+
+    @property
+    def output_widths(self) -> dict[str, int]:
+        """Output name -> feature width, in output order."""
+        return {name: width for group in self.groups for name, width in group.output_widths.items()}
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.output_widths)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        image = image.to(torch.float32)
+        return tuple(output for group in self.groups for output in group(image))
 
     def example_input(self, batch_size: int = 1) -> Tensor:
         """A zero FP16 input of the wire shape, e.g. for tracing/export."""

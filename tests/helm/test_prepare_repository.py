@@ -5,8 +5,10 @@ injected fakes, exactly where the init container calls `python -m export build-e
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +62,7 @@ def make_repo(root: Path, target: str = "cpu", versions: tuple[int, ...] = (1, 2
         directory.mkdir()
         if target == "trt":
             (directory / "model.plan").write_bytes(b"plan")
+            write_plan_meta(directory, gate="passed")
         else:
             (directory / "model.onnx").write_bytes(f"onnx v{version}".encode())
         if target == "cpu":
@@ -68,11 +71,24 @@ def make_repo(root: Path, target: str = "cpu", versions: tuple[int, ...] = (1, 2
     return root
 
 
+def write_plan_meta(directory: Path, gate: str | None, **fields: object) -> None:
+    """model.plan.json as `python -m export build-engine` writes it (gate None: written before the gate)."""
+    meta: dict[str, object] = {
+        "tensorrt_version": "10.14.1.48",
+        "plan_sha256": hashlib.sha256((directory / "model.plan").read_bytes()).hexdigest(),
+        **fields,
+    }
+    if gate is not None:
+        meta["gate"] = gate
+        meta["parity"] = {"summary": "max |Δp| 3.000e-02 (limit 0.01)"} if gate == "failed" else None
+    (directory / "model.plan.json").write_text(json.dumps(meta))
+
+
 class FakeEngines:
     """Stands in for `python -m export build-engine` (and its GPU probe)."""
 
-    def __init__(self, prep: ModuleType, fail: Exception | None = None) -> None:
-        self.prep, self.fail, self.builds = prep, fail, 0
+    def __init__(self, prep: ModuleType, fail: Exception | None = None, gate: str | None = "passed") -> None:
+        self.prep, self.fail, self.builds, self.gate = prep, fail, 0, gate
         self.target = prep.BuildTarget("10.14.1.48", "NVIDIA H200", "9.0")
 
     def probe(self):
@@ -90,6 +106,8 @@ class FakeEngines:
             "plan_sha256": self.prep.sha256_file(plan),
             "precision": settings.precision,
         }
+        if self.gate is not None:
+            meta["gate"] = self.gate
         plan.with_name("model.plan.json").write_text(json.dumps(meta))
 
 
@@ -276,13 +294,92 @@ def test_prebuilt_engine_is_served_as_is(prep: ModuleType, tmp_path: Path) -> No
         prep.prepare(source, tmp_path / "n", "fmhct", fmt="onnx", device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("gate", "why"),
+    [
+        ("failed", r"failed the TensorRT-vs-ONNX Runtime parity gate \(max \|Δp\| 3\.000e-02"),
+        ("skipped", "--no-parity-gate"),
+        (None, "no parity gate"),
+    ],
+)
+def test_prebuilt_engine_without_a_passed_gate_falls_back_to_its_onnx(
+    prep: ModuleType, tmp_path: Path, gate: str | None, why: str
+) -> None:
+    source = make_repo(tmp_path / "src", target="trt", versions=(1,))
+    version = source / "fmhct" / "1"
+    write_plan_meta(version, gate=gate)
+    with pytest.raises(prep.PrepareError, match=why + ".*no model.onnx"):
+        prep.prepare(source, tmp_path / "a", "fmhct", fmt="trt", device="gpu")
+    (version / "model.onnx").write_bytes(b"onnx v1")  # what `--target trt` now ships beside the plan
+    status = prep.prepare(source, tmp_path / "b", "fmhct", fmt="trt", device="gpu")
+    assert (status.serving, status.engine) == ("onnx-gpu", "fallback")
+    assert re.search(why, status.reason)
+    config = parse((tmp_path / "b" / "fmhct" / "config.pbtxt").read_text())
+    assert (config.platform, config.default_model_filename) == ("onnxruntime_onnx", "model.onnx")
+    with pytest.raises(prep.PrepareError, match="fallback disabled"):
+        prep.prepare(source, tmp_path / "c", "fmhct", fmt="trt", device="gpu", fallback=False)
+
+
+def test_prebuilt_engine_with_onnx_serves_onnx_without_a_gpu(prep: ModuleType, tmp_path: Path) -> None:
+    source = make_repo(tmp_path / "src", target="trt", versions=(1,))
+    (source / "fmhct" / "1" / "model.onnx").write_bytes(b"onnx v1")
+    status = prep.prepare(source, tmp_path / "m", "fmhct", fmt="onnx", device="cpu")
+    assert (status.serving, status.engine) == ("onnx-cpu", "fallback")
+    config = parse((tmp_path / "m" / "fmhct" / "config.pbtxt").read_text())
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_tampered_prebuilt_engine_is_not_served(prep: ModuleType, tmp_path: Path) -> None:
+    source = make_repo(tmp_path / "src", target="trt", versions=(1,))
+    (source / "fmhct" / "1" / "model.plan").write_bytes(b"another plan")
+    with pytest.raises(prep.PrepareError, match="sha256 mismatch"):
+        prep.prepare(source, tmp_path / "m", "fmhct", fmt="trt", device="gpu")
+
+
+@pytest.mark.parametrize("gate", ["failed", "skipped", None])
+def test_cached_engine_without_a_passed_gate_is_rebuilt(
+    prep: ModuleType, tmp_path: Path, gate: str | None
+) -> None:
+    source, cache = make_repo(tmp_path / "src", target="onnx"), tmp_path / "cache"
+    old = FakeEngines(prep, gate=gate)
+    kwargs = {"fmt": "trt", "device": "gpu", "cache": cache, "probe": old.probe}
+    # A builder that leaves an ungated engine is not trusted either: ONNX Runtime is served instead.
+    status = prep.prepare(source, tmp_path / "a", "fmhct", builder=old.build, **kwargs)
+    assert (status.serving, status.engine) == ("onnx-gpu", "fallback")
+    assert "does not check out" in status.reason
+    (entry,) = [p.parent for p in cache.rglob("model.plan")]
+    assert prep.cached_plan_ok(entry, prep.sha256_file(source / "fmhct" / "2" / "model.onnx"), "10.14.1.48")
+    new = FakeEngines(prep)
+    status = prep.prepare(source, tmp_path / "b", "fmhct", builder=new.build, **kwargs)
+    assert (status.serving, status.engine, new.builds) == ("trt", "built", 1)
+
+
+def test_reference_travels_with_the_version_dir(prep: ModuleType, tmp_path: Path) -> None:
+    """build-engine finds model.reference.npz beside the copied model.onnx (its default --reference)."""
+    source = make_repo(tmp_path / "src", target="onnx")
+    (source / "fmhct" / "2" / "model.reference.npz").write_bytes(b"npz")
+    seen: list[bool] = []
+
+    def build(onnx: Path, plan: Path, settings, timing: Path | None) -> None:
+        seen.append(onnx.with_name("model.reference.npz").read_bytes() == b"npz")
+        FakeEngines(prep).build(onnx, plan, settings, timing)
+
+    status = prep.prepare(
+        source, tmp_path / "m", "fmhct", fmt="trt", device="gpu", cache=tmp_path / "c",
+        probe=FakeEngines(prep).probe, builder=build,
+    )  # fmt: skip
+    assert seen == [True] and status.engine == "built"
+    assert (tmp_path / "m" / "fmhct" / "2" / "model.reference.npz").read_bytes() == b"npz"
+
+
 # --- serve -----------------------------------------------------------------------------------------------
 
 
-def trt_repo(prep: ModuleType, tmp_path: Path, built_with: str, onnx: bool = True) -> Path:
+def trt_repo(
+    prep: ModuleType, tmp_path: Path, built_with: str, onnx: bool = True, gate: str | None = "passed"
+) -> Path:
     root = make_repo(tmp_path / "models", target="trt", versions=(3,))
-    meta = root / "fmhct" / "3" / "model.plan.json"
-    meta.write_text(json.dumps({"tensorrt_version": built_with}))
+    write_plan_meta(root / "fmhct" / "3", gate=gate, tensorrt_version=built_with)
     if onnx:
         (root / "fmhct" / "3" / "model.onnx").write_bytes(b"onnx")
     return root
@@ -303,6 +400,21 @@ def test_engine_from_another_tensorrt_falls_back(prep: ModuleType, tmp_path: Pat
     with pytest.raises(prep.PrepareError, match=r"no model\.onnx"):
         prep.check_engine(no_onnx, "fmhct", "10.14.1.48")
     assert "unchecked" in prep.check_engine(trt_repo(prep, tmp_path / "y", "10.13.3.9"), "fmhct", None)
+
+
+@pytest.mark.parametrize("local_version", ["10.14.1.48", None])
+def test_engine_that_failed_the_gate_falls_back_at_serve_time(
+    prep: ModuleType, tmp_path: Path, local_version: str | None
+) -> None:
+    root = trt_repo(prep, tmp_path, "10.14.1.48", gate="failed")
+    note = prep.check_engine(root, "fmhct", local_version)
+    assert note and "parity gate" in note
+    assert parse((root / "fmhct" / "config.pbtxt").read_text()).platform == "onnxruntime_onnx"
+    status = json.loads((root / "fmhct" / "serving_status.json").read_text())
+    assert (status["serving"], status["engine"]) == ("onnx-gpu", "fallback")
+    no_onnx = trt_repo(prep, tmp_path / "x", "10.14.1.48", onnx=False, gate="skipped")
+    with pytest.raises(prep.PrepareError, match=r"--no-parity-gate.*no model\.onnx"):
+        prep.check_engine(no_onnx, "fmhct", local_version)
 
 
 def test_local_tensorrt_version(prep: ModuleType, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from api.dependencies import get_model
 from api.main import create_app
 from api.problems import ProblemError, install_problem_handlers
 from api.settings import Settings
-from headct.model_card import SYNTHETIC_DEMO_NOTICE, ModelCard, TaskCard
+from headct.model_card import ModelCard
+from tests.cards import make_card
 
 KEY = "k-" + "a1b2c3d4" * 5
 OTHER = "k-" + "ffeeddcc" * 5
@@ -79,19 +80,7 @@ def test_key_id_is_a_short_hash_not_the_key() -> None:
 
 
 def _card() -> ModelCard:
-    return ModelCard(
-        name="fmhct",
-        triton_version=1,
-        model_version="test-0",
-        synthetic_demo=True,
-        notice=SYNTHETIC_DEMO_NOTICE,
-        checkpoint_sha256="a" * 64,
-        onnx_sha256="b" * 64,
-        embedding_dim=4,
-        architecture={"embed_dim": 4},
-        tasks=[TaskCard(name="hemorrhage", threshold=0.5, head_type="linear", head_sha256="c" * 64)],
-        max_batch_size=8,
-    )
+    return make_card([("hemorrhage", 0.5)])
 
 
 class FakeModel:

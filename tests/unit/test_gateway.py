@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -20,27 +20,13 @@ from api.main import create_app
 from api.prediction import PredictionService
 from api.problems import ProblemError
 from api.settings import Settings
-from api.triton import InferenceResult, TritonModel
-from headct.model_card import SYNTHETIC_DEMO_NOTICE, ModelCard, TaskCard
+from api.triton import TritonModel
+from headct.model_card import ModelCard
+from tests.cards import make_card
 
 
 def _card() -> ModelCard:
-    return ModelCard(
-        name="fmhct",
-        triton_version=1,
-        model_version="test-0",
-        synthetic_demo=True,
-        notice=SYNTHETIC_DEMO_NOTICE,
-        checkpoint_sha256="a" * 64,
-        onnx_sha256="b" * 64,
-        embedding_dim=4,
-        architecture={"embed_dim": 4},
-        tasks=[
-            TaskCard(name="hemorrhage", threshold=0.5, head_type="linear", head_sha256="c" * 64),
-            TaskCard(name="edema", threshold=0.3, head_type="linear", head_sha256="d" * 64),
-        ],
-        max_batch_size=8,
-    )
+    return make_card([("hemorrhage", 0.5), ("edema", 0.3)])
 
 
 class FakeModel:
@@ -56,13 +42,15 @@ class FakeModel:
     async def card(self) -> ModelCard:
         return _card()
 
-    async def infer(self, image: np.ndarray) -> InferenceResult:
-        self.images.append(image)
-        return InferenceResult(np.array([0.9, 0.1], np.float32), np.arange(4, dtype=np.float32))
-
-    async def infer_batch(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
-        results = [await self.infer(image) for image in batch]
-        return np.stack([r.probabilities for r in results]), np.stack([r.embedding for r in results])
+    async def infer_batch(
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
+        self.images.extend(batch)
+        rows = {
+            "probabilities": np.tile(np.array([0.9, 0.1], np.float32), (len(batch), 1)),
+            "embedding": np.tile(np.arange(4, dtype=np.float32), (len(batch), 1)),
+        }
+        return {name: rows[name] for name in outputs or rows}
 
     def unavailable(self, detail: str) -> ProblemError:
         return ProblemError(503, "model_unavailable", detail, headers={"Retry-After": "5"})
@@ -173,7 +161,7 @@ def test_triton_errors_map_to_problems(grpc_status: str, http_status: int, code:
 
         model._client.infer = failing_infer  # type: ignore[method-assign]
         try:
-            await model.infer(np.zeros((3, 96, 96, 96), np.float16))
+            await model.infer_batch(np.zeros((1, 3, 96, 96, 96), np.float16))
         finally:
             await model.close()
 

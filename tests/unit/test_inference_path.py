@@ -8,7 +8,7 @@ import os
 import pickle
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,19 @@ class Recorder:
         self.delay_s = delay_s
         self.error = error
 
-    async def __call__(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+    async def __call__(
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
         self.batches.append(len(batch))
         self.timeouts.append(timeout_s)
         await asyncio.sleep(self.delay_s)
         if self.error is not None:
             raise self.error
         first = batch.reshape(len(batch), -1)[:, 0].astype(np.float32)
-        return first[:, None], np.stack([first, np.full(len(batch), len(batch), np.float32)], axis=1)
+        return {
+            "probabilities": first[:, None],
+            "embedding": np.stack([first, np.full(len(batch), len(batch), np.float32)], axis=1),
+        }
 
 
 def image(value: float) -> np.ndarray:
@@ -72,8 +77,8 @@ def test_concurrent_scans_share_one_call_and_get_their_own_outputs() -> None:
 
     results = run(main())
     assert infer.batches == [3]
-    assert [float(p[0]) for p, _ in results] == [1.0, 2.0, 3.0]  # split back in order
-    assert all(float(e[1]) == 3 for _, e in results)
+    assert [float(r["probabilities"][0]) for r in results] == [1.0, 2.0, 3.0]  # split back in order
+    assert all(float(r["embedding"][1]) == 3 for r in results)
 
 
 def test_a_full_batch_goes_at_once_and_the_rest_follows() -> None:
@@ -138,7 +143,7 @@ def test_the_last_scan_being_prepared_closes_the_batch() -> None:
     elapsed, results = run(main())
     assert infer.batches == [3]  # the first two waited for the third, which was on its way
     assert elapsed < 1.0  # and nobody waited for the 5 s max delay
-    assert [float(p[0]) for p, _ in results] == [1.0, 2.0, 3.0]
+    assert [float(r["probabilities"][0]) for r in results] == [1.0, 2.0, 3.0]
 
 
 def test_a_scan_that_fails_preparation_releases_the_waiting_batch() -> None:
@@ -154,7 +159,7 @@ def test_a_scan_that_fails_preparation_releases_the_waiting_batch() -> None:
 
     elapsed, (ok, failed) = run(main())
     assert isinstance(failed, ProblemError) and failed.code == "no_foreground"
-    assert float(ok[0][0]) == 1.0
+    assert float(ok["probabilities"][0]) == 1.0
     assert infer.batches == [1]
     assert elapsed < 1.0
 
@@ -168,7 +173,7 @@ def test_batching_off_sends_each_scan_alone() -> None:
 
     results = run(main())
     assert infer.batches == [1, 1, 1]
-    assert [float(p[0]) for p, _ in results] == [1.0, 2.0, 3.0]
+    assert [float(r["probabilities"][0]) for r in results] == [1.0, 2.0, 3.0]
 
 
 def test_a_failed_call_fails_every_member_with_its_problem() -> None:
@@ -201,7 +206,7 @@ def test_the_call_gets_the_smallest_remaining_deadline_and_late_members_never_go
 
     expired, second, third = run(main())
     assert isinstance(expired, ProblemError) and (expired.status, expired.code) == (504, "deadline_exceeded")
-    assert float(second[0][0]) == 2.0 and float(third[0][0]) == 3.0
+    assert float(second["probabilities"][0]) == 2.0 and float(third["probabilities"][0]) == 3.0
     assert infer.batches == [2]  # the expired scan was never sent
     assert 2.5 < infer.timeouts[0] <= 2.8  # ~3.0 - 0.2 s: the tightest deadline in the batch
 
@@ -228,8 +233,8 @@ def test_a_cancelled_caller_is_left_out_of_the_batch() -> None:
         stays = asyncio.create_task(batcher.submit(image(2), later(10)))
         await asyncio.sleep(0.01)
         gone.cancel()
-        probabilities, _ = await stays
-        assert float(probabilities[0]) == 2.0
+        answer = await stays
+        assert float(answer["probabilities"][0]) == 2.0
 
     run(main())
     assert infer.batches == [1]
@@ -361,10 +366,12 @@ class SlowModel(FakeModel):
         self.delay_s = delay_s
         self.calls = 0
 
-    async def infer_batch(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+    async def infer_batch(
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
         self.calls += 1
         await asyncio.sleep(self.delay_s)
-        return await super().infer_batch(batch, timeout_s)
+        return await super().infer_batch(batch, timeout_s, outputs)
 
 
 def fake_prepare(upload: str, content_type: str, series_uid: str | None, limits: Any = None) -> Any:
@@ -565,7 +572,7 @@ def test_the_service_observes_worker_timings_in_the_gateway_process(nifti_path: 
     prediction = run(main())
     assert set(prediction.timings_ms) == {"queue", "decode", "validate", "preprocess", "infer"}
     assert prediction.timings_ms["preprocess"] > 0
-    assert float(prediction.result.probabilities[0]) == pytest.approx(0.9)
+    assert prediction.result.probabilities["hemorrhage"] == pytest.approx(0.9)
     for stage in ("decode", "validate", "preprocess"):
         assert metrics.STAGE_DURATION.labels(stage=stage)._sum.get() > before[stage]
     (image_sent,) = model.images

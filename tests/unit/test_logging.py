@@ -22,9 +22,8 @@ from api.dependencies import get_model, get_prediction_service
 from api.ingest import decode_upload
 from api.logging_config import JsonFormatter, TextFormatter, configure_logging, safe_exception
 from api.main import create_app
-from api.prediction import Prediction
+from api.prediction import InferenceResult, Prediction
 from api.settings import Settings
-from api.triton import InferenceResult
 from export.demo.dicom_writer import ct_series, phantom_head, zip_bytes
 from tests.unit.test_auth import FakeModel, _card
 
@@ -75,9 +74,11 @@ class DecodingService:
         self.model = FakeModel()
         self.admission = SimpleNamespace(enter=contextlib.nullcontext)
 
-    async def predict(self, upload: Path, content_type: str, *, series_uid: str | None = None) -> Prediction:
+    async def predict(
+        self, upload: Path, content_type: str, *, series_uid: str | None = None, **options: object
+    ) -> Prediction:
         scan = decode_upload(upload, content_type, series_uid=series_uid)
-        result = InferenceResult(np.array([0.9], np.float32), np.zeros(4, np.float32))
+        result = InferenceResult({"hemorrhage": 0.9}, np.zeros(4, np.float32))
         timings = {"decode": 1.0, "validate": 0.1, "preprocess": 2.0, "queue": 0.0, "infer": 3.0}
         return Prediction(card=_card(), scan=scan, result=result, warnings=[], timings_ms=timings)
 

@@ -21,30 +21,22 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export import repository
 from export.repository import RepositoryError, ServingOptions, write_model
 from headct import contract
-from headct.model_card import MODEL_CARD_FILENAME, MODEL_CARD_PARAMETER, ModelCard, TaskCard
+from headct.model_card import MODEL_CARD_FILENAME, MODEL_CARD_PARAMETER, ModelCard
+from tests import cards
 
 TASKS = ("hemorrhage", "edema")
 EMBED = 4
 
 
 def make_card(version: int = 1, max_batch_size: int = 8, **overrides: Any) -> ModelCard:
-    fields: dict[str, Any] = {
-        "name": "fmhct",
-        "triton_version": version,
-        "model_version": "fmhct-test",
-        "synthetic_demo": True,
-        "notice": "test",
-        "checkpoint_sha256": "a" * 64,
-        "onnx_sha256": "b" * 64,
-        "embedding_dim": EMBED,
-        "architecture": {"embed_dim": EMBED, "qkv_bias": False},
-        "tasks": [
-            TaskCard(name=name, threshold=0.5, head_type="linear", head_sha256=str(i) * 64)
-            for i, name in enumerate(TASKS)
-        ],
-        "max_batch_size": max_batch_size,
-    }
-    return ModelCard(**{**fields, **overrides})
+    return cards.make_card(
+        [(name, 0.5) for name in TASKS],
+        embed_dim=EMBED,
+        triton_version=version,
+        max_batch_size=max_batch_size,
+        model_version="fmhct-test",
+        **overrides,
+    )
 
 
 def tiny_onnx(path: Path) -> Path:
@@ -87,10 +79,16 @@ def artifacts(tmp_path: Path) -> dict[str, Path]:
 def _write(
     repo: Path, target: repository.Target, artifacts: dict[str, Path], **kw: Any
 ) -> repository.WrittenEntry:
-    name = "model.plan" if target == "trt" else "model.onnx"
+    # A trt entry ships its ONNX too: the fallback when the engine cannot be used.
+    names = ["model.plan", "model.onnx"] if target == "trt" else ["model.onnx"]
     card = kw.pop("card", make_card())
     return write_model(
-        repo, target=target, card=card, artifacts={name: artifacts[name]}, options=ServingOptions(), **kw
+        repo,
+        target=target,
+        card=card,
+        artifacts={name: artifacts[name] for name in names},
+        options=ServingOptions(),
+        **kw,
     )
 
 
@@ -99,7 +97,7 @@ def _write(
     [
         ("cpu", "", "python", mc.ModelInstanceGroup.KIND_CPU, {"model.py", "model.onnx"}),
         ("onnx", "onnxruntime_onnx", "", mc.ModelInstanceGroup.KIND_GPU, {"model.onnx"}),
-        ("trt", "tensorrt_plan", "", mc.ModelInstanceGroup.KIND_GPU, {"model.plan"}),
+        ("trt", "tensorrt_plan", "", mc.ModelInstanceGroup.KIND_GPU, {"model.plan", "model.onnx"}),
     ],
 )
 def test_config_and_layout_per_target(
@@ -240,8 +238,9 @@ class _Logger:
     log_error = log_warn = log_info
 
 
-@pytest.fixture
-def python_model(tmp_path: Path, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Any:
+def load_python_model(model_dir: Path, version: int, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The Python-backend model.py of `model_dir/version`, initialised as Triton would, with a fake
+    `triton_python_backend_utils` and one ONNX Runtime thread."""
     stub = types.ModuleType("triton_python_backend_utils")
     stub.TritonError, stub.Tensor, stub.InferenceResponse, stub.Logger = (
         _TritonError,
@@ -253,22 +252,30 @@ def python_model(tmp_path: Path, artifacts: dict[str, Path], monkeypatch: pytest
         _Tensor(name, request.inputs[name]) if name in request.inputs else None
     )
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
-    entry = _write(tmp_path / "repo", "cpu", artifacts)
-    spec = importlib.util.spec_from_file_location("fmhct_model_py", entry.version_dir / "model.py")
+    version_dir = model_dir / str(version)
+    spec = importlib.util.spec_from_file_location(
+        f"model_py_{version_dir.parent.name}", version_dir / "model.py"
+    )
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    config = text_format.Parse(entry.config_path.read_text(), mc.ModelConfig())
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
     config.parameters["intra_op_num_threads"].string_value = "1"
     model = module.TritonPythonModel()
     model.initialize(
         {
             "model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
-            "model_repository": str(entry.model_dir),
-            "model_version": str(entry.version),
-            "model_instance_name": "fmhct_0",
+            "model_repository": str(model_dir),
+            "model_version": str(version),
+            "model_instance_name": f"{model_dir.name}_0",
         }
     )
     return model
+
+
+@pytest.fixture
+def python_model(tmp_path: Path, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Any:
+    entry = _write(tmp_path / "repo", "cpu", artifacts)
+    return load_python_model(entry.model_dir, entry.version, monkeypatch)
 
 
 def test_python_model_batches_requests_and_isolates_bad_ones(
@@ -315,7 +322,7 @@ def test_python_model_runtime_failure_fails_only_that_batch(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("ORT kernel failure")
 
-    monkeypatch.setattr(python_model.session, "run", broken, raising=False)
+    monkeypatch.setattr(python_model.sessions[0][1], "run", broken, raising=False)
     image = np.zeros((1, *contract.INPUT_SHAPE), np.float16)
     responses = python_model.execute([_Request(image=image), _Request(image=image)])
     assert all("inference failed for a batch of 2" in r.error.message for r in responses)
@@ -347,6 +354,7 @@ def test_cli_exports_cpu_target_then_skips_when_current(
         "--max-batch-size", "4",
         "--model-version", "tiny-1",
         "--synthetic-demo",
+        "--allow-unpaired",  # bare files carry no run metadata to pair them by
     ]  # fmt: skip
     assert cli.main(argv) == cli.EXIT_OK
     out = capsys.readouterr()
@@ -356,10 +364,11 @@ def test_cli_exports_cpu_target_then_skips_when_current(
     model_dir = repo / "fmhct"
     card = repository.read_model_card(model_dir)
     assert card is not None and card.synthetic_demo and card.model_version == "tiny-1"
-    assert [(t.name, t.threshold, t.head_type) for t in card.tasks] == [
-        ("hemorrhage", 0.3, "linear"),
-        ("edema", 0.5, "attentive"),
+    assert [(t.name, t.threshold, t.head_type, t.pairing) for t in card.tasks] == [
+        ("hemorrhage", 0.3, "linear", "override"),
+        ("edema", 0.5, "attentive", "override"),
     ]
+    assert card.unpaired_allowed and "has no qkv bias" in card.tasks[0].pairing_detail
     assert card.architecture == TINY.to_dict() and card.embedding_dim == TINY.embed_dim
     assert card.onnx_sha256 == hashlib.sha256((model_dir / "1" / "model.onnx").read_bytes()).hexdigest()
     assert float(card.exported_with["parity_max_abs_probability_diff"]) <= 1e-4

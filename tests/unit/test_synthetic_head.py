@@ -45,7 +45,7 @@ def _brain_window_mean(hu: np.ndarray) -> float:
 
 def test_atlas_is_pinned_and_verified(atlas: str) -> None:
     assert A.TOTALSEGMENTATOR_VERSION == "2.18.0"
-    assert A.sha256_of(A.Path(atlas)) == A.ATLAS_SHA256
+    assert A.sha256_file(A.Path(atlas)) == A.ATLAS_SHA256
     assert A.ensure_atlas() == A.Path(atlas)  # idempotent: found, not re-extracted
 
 

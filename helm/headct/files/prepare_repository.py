@@ -7,9 +7,14 @@ Shipped by the Helm chart as a ConfigMap and run with the image's python3 (stand
            store) into the pod's serving repository; for --format trt build a TensorRT engine from its
            model.onnx on this pod's GPU with `python -m export build-engine`, or take it from the engine
            cache, keyed by TensorRT version + GPU product + ONNX sha256 + build settings. If the build is
-           refused or fails, serve the ONNX model with ONNX Runtime instead (unless --no-fallback).
-  serve    (Triton container) check that a TensorRT engine matches this image's TensorRT version
-           (fall back to ONNX if not), then exec tritonserver.
+           refused or fails (including its TensorRT-vs-ONNX Runtime parity gate against the
+           model.reference.npz that the export writes beside model.onnx and that is copied with the
+           version directory), serve the ONNX model with ONNX Runtime instead (unless --no-fallback).
+           An engine is served only if its model.plan.json records a passed parity gate (built here,
+           from the cache, or prebuilt in a trt entry); otherwise a trt entry falls back to its
+           model.onnx.
+  serve    (Triton container) check that a TensorRT engine matches this image's TensorRT version and
+           passed the parity gate (fall back to ONNX if not), then exec tritonserver.
 
 A repository entry written by `python -m export` for target cpu (Python backend + model.onnx), onnx or
 trt is accepted: the config.pbtxt is rewritten textually (platform, default_model_filename, instance
@@ -192,22 +197,59 @@ def cache_entry(cache: Path, target: BuildTarget, onnx_sha256: str, settings: Bu
     )
 
 
-def cached_plan_ok(entry: Path, onnx_sha256: str, tensorrt_version: str) -> str | None:
-    """None if `entry` holds a usable plan, else why not."""
-    plan, meta = entry / PLAN, entry / PLAN_META
-    if not plan.is_file() or not meta.is_file():
-        return "no cached engine"
+def gate_problem(info: dict) -> str | None:
+    """None if model.plan.json content `info` records a passed parity gate, else why the plan is unfit."""
+    gate = info.get("gate")
+    if gate == "passed":
+        return None
+    if gate == "failed":
+        summary = (info.get("parity") or {}).get("summary", "no figures recorded")
+        return f"engine failed the TensorRT-vs-ONNX Runtime parity gate ({summary})"
+    if gate == "skipped":
+        return "engine was built with --no-parity-gate (never compared with ONNX Runtime)"
+    return "engine metadata records no parity gate (built before the gate existed?)"
+
+
+def _read_meta(meta: Path) -> tuple[dict, str | None]:
     try:
         info = json.loads(meta.read_text())
     except (OSError, ValueError) as error:
-        return f"unreadable {meta}: {error}"
+        return {}, f"unreadable {meta}: {error}"
+    if not isinstance(info, dict):
+        return {}, f"{meta} is not a JSON object"
+    return info, None
+
+
+def cached_plan_ok(entry: Path, onnx_sha256: str, tensorrt_version: str) -> str | None:
+    """None if `entry` holds a usable plan (same ONNX and TensorRT, intact, gate passed), else why not."""
+    plan, meta = entry / PLAN, entry / PLAN_META
+    if not plan.is_file() or not meta.is_file():
+        return "no cached engine"
+    info, why = _read_meta(meta)
+    if why is not None:
+        return why
     if info.get("onnx_sha256") != onnx_sha256:
         return "cached engine was built from another ONNX"
     if info.get("tensorrt_version") != tensorrt_version:
         return "cached engine was built by another TensorRT"
     if info.get("plan_sha256") != sha256_file(plan):
         return "cached engine is corrupt (sha256 mismatch)"
-    return None
+    return gate_problem(info)
+
+
+def prebuilt_plan_problem(version_dir: Path) -> str | None:
+    """None if a trt entry's model.plan is intact and passed the parity gate, else why not."""
+    plan, meta = version_dir / PLAN, version_dir / PLAN_META
+    if not plan.is_file():
+        return f"no {PLAN} in {version_dir}"
+    if not meta.is_file():
+        return f"no {PLAN_META} beside the engine (its parity gate is unknown)"
+    info, why = _read_meta(meta)
+    if why is not None:
+        return why
+    if info.get("plan_sha256") != sha256_file(plan):
+        return "engine does not match its model.plan.json (sha256 mismatch)"
+    return gate_problem(info)
 
 
 Probe = Callable[[], BuildTarget]
@@ -354,9 +396,19 @@ def prepare(
     status = Status(model, version_dir.name, source_target, serving="", engine="n/a")
 
     if source_target == "trt":
-        if device != "gpu":
-            raise PrepareError("the repository holds a TensorRT engine but Triton runs without a GPU")
-        status.serving, status.engine = "trt", "prebuilt"
+        # `python -m export --target trt` ships model.onnx beside the engine, so an engine that cannot be
+        # served here (no GPU, no passed parity gate) falls back to ONNX Runtime.
+        why = "Triton runs without a GPU" if device != "gpu" else prebuilt_plan_problem(version_dir)
+        if why is None:
+            status.serving, status.engine = "trt", "prebuilt"
+        elif not (version_dir / ONNX).is_file():
+            raise PrepareError(f"the repository holds a TensorRT engine but {why}, and no {ONNX}")
+        elif device == "gpu" and not fallback:
+            raise PrepareError(f"prebuilt TensorRT engine unusable and fallback disabled: {why}")
+        else:
+            log(f"WARNING: prebuilt TensorRT engine not served ({why}); serving ONNX Runtime on {device}")
+            text = onnx_config(text, device)
+            status.serving, status.engine, status.reason = f"onnx-{device}", "fallback", why
     elif fmt == "trt" and device == "gpu":
         onnx = version_dir / ONNX
         if not onnx.is_file():
@@ -421,19 +473,23 @@ def same_tensorrt(a: str, b: str) -> bool:
 
 
 def check_engine(repository: Path, model: str, local_version: str | None) -> str | None:
-    """Switch a TensorRT entry to ONNX if its engine was built by another TensorRT; return a note."""
+    """Switch a TensorRT entry to ONNX if its engine failed (or skipped) the parity gate or was built by
+    another TensorRT; return a note."""
     model_dir = repository / model
     text = (model_dir / CONFIG).read_text()
     if config_target(text) != "trt":
         return None
     version_dir = pick_version(model_dir, "")
     meta = version_dir / PLAN_META
-    if local_version is None or not meta.is_file():
-        return "TensorRT version of this image unknown; serving the engine unchecked"
-    built_with = json.loads(meta.read_text()).get("tensorrt_version", "")
-    if same_tensorrt(built_with, local_version):
-        return None
-    reason = f"engine built with TensorRT {built_with}, this Triton has {local_version}"
+    info, unreadable = _read_meta(meta) if meta.is_file() else ({}, None)
+    reason = unreadable or (gate_problem(info) if meta.is_file() else None)
+    if reason is None:
+        if local_version is None or not meta.is_file():
+            return "TensorRT version of this image unknown; serving the engine unchecked"
+        built_with = str(info.get("tensorrt_version", ""))
+        if same_tensorrt(built_with, local_version):
+            return None
+        reason = f"engine built with TensorRT {built_with}, this Triton has {local_version}"
     if not (version_dir / ONNX).is_file():
         raise PrepareError(reason + " and there is no model.onnx to fall back to")
     (model_dir / CONFIG).write_text(onnx_config(text, "gpu"))
