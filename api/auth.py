@@ -23,7 +23,7 @@ from typing import Annotated, Final
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError, problem_responses
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -107,19 +107,15 @@ class Keyring:
         candidate = x_api_key or (bearer_token(authorization) if authorization else None)
         if not candidate:
             raise ProblemError(
-                401,
-                "missing_api_key",
+                ProblemCode.MISSING_API_KEY,
                 f"this gateway requires an API key: send `{API_KEY_HEADER}: <key>` or "
                 "`Authorization: Bearer <key>`",
-                title="Missing API key",
                 headers={"WWW-Authenticate": _REALM},
             )
         if not self.matches(candidate):
             raise ProblemError(
-                401,
-                "invalid_api_key",
+                ProblemCode.INVALID_API_KEY,
                 "the API key is not valid",
-                title="Invalid API key",
                 headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
             )
         return key_id(candidate)
@@ -140,8 +136,7 @@ class KeySlots:
             return
         if self._busy.get(identity, 0) >= self.limit:
             raise ProblemError(
-                429,
-                "key_concurrency_exceeded",
+                ProblemCode.KEY_CONCURRENCY_EXCEEDED,
                 f"this API key already has {self.limit} predictions in flight; retry later",
                 expected=f"<= {self.limit} concurrent requests per API key",
                 headers={"Retry-After": str(self.retry_after_s)},
@@ -175,7 +170,8 @@ _SHARED: dict[int, tuple[Settings, Keyring, KeySlots]] = {}
 def _shared(settings: Settings) -> tuple[Settings, Keyring, KeySlots]:
     entry = _SHARED.get(id(settings))
     if entry is None or entry[0] is not settings:
-        slots = KeySlots(settings.per_key_concurrency, settings.retry_after_s)
+        # A busy key is a 429 like a busy gateway: the busy Retry-After, not the 503 one.
+        slots = KeySlots(settings.per_key_concurrency, settings.busy_retry_after_s)
         entry = _SHARED[id(settings)] = (settings, Keyring.from_settings(settings), slots)
     return entry
 
@@ -215,33 +211,17 @@ async def predict_slot(
         yield identity
 
 
-ApiKeyDep = Annotated[str, Depends(require_api_key)]
-PredictSlotDep = Annotated[str, Depends(predict_slot)]
-
-UNAUTHORIZED_RESPONSE: Final = {
-    401: {
-        "description": "missing (`missing_api_key`) or wrong (`invalid_api_key`) API key, when keys are "
-        "configured",
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-    }
-}
-KEY_LIMIT_RESPONSE: Final = {
-    429: {
-        "description": "`key_concurrency_exceeded`: this key's concurrent predictions are at the limit; "
-        "see Retry-After",
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-    }
-}
+# OpenAPI error responses the API-key dependencies add to the routes they guard.
+UNAUTHORIZED_RESPONSE: Final = problem_responses(ProblemCode.MISSING_API_KEY, ProblemCode.INVALID_API_KEY)
+KEY_LIMIT_RESPONSE: Final = problem_responses(ProblemCode.KEY_CONCURRENCY_EXCEEDED)
 
 __all__ = [
     "ANONYMOUS",
     "API_KEY_HEADER",
     "KEY_LIMIT_RESPONSE",
     "UNAUTHORIZED_RESPONSE",
-    "ApiKeyDep",
     "KeySlots",
     "Keyring",
-    "PredictSlotDep",
     "bearer_token",
     "key_id",
     "key_slots",

@@ -1,5 +1,5 @@
 """Graceful shutdown on SIGTERM, whatever starts the gateway (`python -m api`, `uvicorn api.main:app`,
-`python -m headct.serve`, one or several uvicorn workers).
+`python -m headct.local.serve`, one or several uvicorn workers).
 
 Uvicorn alone, on SIGTERM, closes its listening socket at once and waits for open connections. For
 Kubernetes that is too early: the pod is still an endpoint for a few seconds, and readiness never had a
@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
-from api.admission import Admission
+from api.inference.admission import Admission
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api import metrics
 from api.auth import KEY_LIMIT_RESPONSE, UNAUTHORIZED_RESPONSE, predict_slot, require_api_key
-from api.grpc_server import GrpcGateway
+from api.grpc.server import GrpcGateway
+from api.http.request_context import RequestContextMiddleware
+from api.http.routers import health, models, predict
+from api.inference.service import PredictionService
+from api.inference.triton import TritonModel
 from api.lifecycle import Lifecycle
 from api.logging_config import configure_logging
-from api.prediction import PredictionService
 from api.problems import install_problem_handlers
-from api.request_context import RequestContextMiddleware
-from api.routers import health, models, predict
 from api.settings import Settings, get_settings
-from api.triton import TritonModel
 from headct.model_card import SYNTHETIC_DEMO_NOTICE
 
 
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.model = model
         service = PredictionService(model, settings)
         app.state.prediction_service = service
-        await service.start()  # the preprocessing processes (api/workers.py)
+        await service.start()  # the preprocessing processes (api/inference/workers.py)
         grpc_gateway = GrpcGateway(service, settings) if settings.grpc_enabled else None
         if grpc_gateway is not None:
             await grpc_gateway.start()

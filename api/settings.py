@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     spool_dir: str | None = Field(default=None, description="where uploads are spooled; default: system temp")
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 while not ready")
 
-    # Inference path (api/prediction.py, api/workers.py, api/admission.py, api/batching.py).
+    # Inference path (api/inference/: service.py, workers.py, admission.py, batching.py).
     preprocess_workers: int = Field(
         default_factory=_default_preprocess_workers,
         # HEADCT_PREPROCESS_CONCURRENCY: the name before the process pool, still honoured.
@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         default=64, ge=0, description="predictions waiting for an in-flight slot; beyond it: 429 gateway_busy"
     )
-    busy_retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 gateway_busy")
+    busy_retry_after_s: int = Field(
+        default=1, ge=1, description="Retry-After sent with 429 gateway_busy and key_concurrency_exceeded"
+    )
     request_timeout_s: float = Field(
         default=60.0,
         gt=0,

@@ -13,7 +13,7 @@ import tritonclient.grpc as grpc_sync
 import tritonclient.grpc.aio as grpc_aio
 
 from api.ingest import decode_upload
-from api.validation import validate
+from api.ingest.validation import validate
 from benchmarks.load import Sender
 from headct import contract
 from headct.preprocess import preprocess

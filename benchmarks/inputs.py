@@ -1,6 +1,6 @@
 """Benchmark inputs: seeded synthetic head CTs written as NIfTI.gz, raw NIfTI and DICOM zips.
 
-SYNTHETIC DATA - NOT FOR CLINICAL USE. Built with `export.demo.synthetic_head` (atlas-based head, skull,
+SYNTHETIC DATA - NOT FOR CLINICAL USE. Built with `demo.synthetic_head` (atlas-based head, skull,
 table) so decode, resample, crop and the model see realistic shapes and HU, and cached under
 ``build/bench-inputs/`` (generation of a 512×512×200 series takes tens of seconds; the files never change
 for the same spec, so a second run starts measuring at once).
@@ -75,7 +75,7 @@ def _fit_shape(hu: np.ndarray, shape: tuple[int, int, int], fill: float) -> np.n
 
 def synthesize(spec: ScanSpec) -> Volume:
     """The synthetic head of `spec` in LPS array order (as DICOM series are stored), exactly `spec.shape`."""
-    from export.demo.synthetic_head import AIR_HU, make_head_with_info
+    from demo.synthetic_head import AIR_HU, make_head_with_info
 
     rng = np.random.default_rng(spec.seed)
     volume, _ = make_head_with_info(
@@ -105,7 +105,7 @@ def ensure_scan(spec: ScanSpec, cache_dir: Path = CACHE_DIR) -> ScanFiles:
     meta = named(".json")
     if meta.is_file() and all(p.is_file() for p in (files.nifti_gz, files.nifti_raw, files.dicom_zip)):
         return files
-    from export.demo.dicom_writer import ct_series, write_zip
+    from demo.dicom_writer import ct_series, write_zip
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     volume = synthesize(spec)

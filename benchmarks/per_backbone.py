@@ -30,7 +30,7 @@ from export.model import FMHCTViT, ViTConfig
 from export.pipeline import ExportRequest, run_export
 from export.tasks import TaskSpec
 from headct import contract
-from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
+from headct.local.triton import LocalTriton, TritonPorts, prepare_triton_home
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT = ViTConfig(qkv_bias=True)  # what the official downstream code builds and saves

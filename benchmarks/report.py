@@ -1,13 +1,17 @@
-"""Targets, the one-line contract summary, REPORT.md and the PNG plots, from the results dict."""
+"""Targets, the one-line contract summary, REPORT.md and the PNG plots, from the results dict.
+
+The results dict (what `benchmarks.suite.run` returns, saved as latest.json) is read once into the
+typed `BenchResults` below; the summary, the report and the plots are built from that.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 #: The keys of `make bench-quick`'s last line (shared/api-contract.md), in contract order.
 CONTRACT_KEYS = (
@@ -90,17 +94,301 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-def _get(results: dict[str, Any], *path: str) -> Any:
-    """`results[path[0]][path[1]]...`, or None where missing; a digit string indexes a list."""
-    node: Any = results
-    for key in path:
-        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        elif isinstance(node, dict) and key in node:
-            node = node[key]
-        else:
-            return None
-    return node
+# ---- the results, typed ------------------------------------------------------------------------
+# Each class holds the keys of one JSON object of the results, under the same names, with the values as
+# they are there (None where a key is missing): rendering keeps ints and floats apart (`_fmt`).
+
+_D = TypeVar("_D")
+JsonObject = dict[str, Any]
+
+
+def _read(cls: type[_D], data: JsonObject | None, **parsed: Any) -> _D:
+    """`cls` from the JSON object `data`: each field its value there (None where missing), except the
+    fields given in `parsed` (already converted by the caller)."""
+    data = data or {}
+    return cls(**{f.name: parsed[f.name] if f.name in parsed else data.get(f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    count: int | None = None
+
+    @classmethod
+    def from_json(cls, data: JsonObject | None) -> Latency:
+        return _read(cls, data)
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """One closed-loop load run (`benchmarks.stats.LoadResult.to_dict`)."""
+
+    label: str | None = None
+    concurrency: int | None = None
+    scans_per_s: float | None = None
+    completed: int | None = None
+    errors: int | None = None
+    latency: Latency = field(default_factory=Latency)
+
+    @classmethod
+    def from_json(cls, data: JsonObject | None) -> LoadRun:
+        return _read(cls, data, latency=Latency.from_json((data or {}).get("latency")))
+
+
+def _runs(data: JsonObject | None) -> dict[str, LoadRun]:
+    """Load runs by path key ("on", "off", "direct"); empty entries left out."""
+    return {key: LoadRun.from_json(run) for key, run in (data or {}).items() if run}
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Concurrency 1: gateway vs in-process preparation + direct Triton inference."""
+
+    input: str | None
+    ratio_batching_on: float | None
+    ratio_batching_off: float | None
+    gateway: dict[str, LoadRun]
+    gateway_stage_p50_ms: dict[str, float]
+    direct_prepare: Latency | None
+    direct_infer: Latency | None
+    direct_p50_ms: float | None
+    cpu_s_per_scan: dict[str, float]
+    cpu_ratio_batching_on: float | None
+    ratio_ci90: dict[str, list[float]]
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> Overhead:
+        def latency(key: str) -> Latency | None:
+            return Latency.from_json(data[key]) if data.get(key) else None
+
+        return _read(
+            cls,
+            data,
+            gateway=_runs(data.get("gateway")),
+            gateway_stage_p50_ms=data.get("gateway_stage_p50_ms") or {},
+            direct_prepare=latency("direct_prepare"),
+            direct_infer=latency("direct_infer"),
+            cpu_s_per_scan=data.get("cpu_s_per_scan") or {},
+            ratio_ci90=data.get("ratio_ci90") or {},
+        )
+
+    def gateway_p50_ms(self, key: str = "on") -> float | None:
+        run = self.gateway.get(key)
+        return run.latency.p50_ms if run else None
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Concurrency N: gateway (batching on / off) vs the direct path, interleaved."""
+
+    concurrency: int | None
+    direct_pool_workers: int | None
+    results: dict[str, LoadRun]
+    gateway_throughput_ratio: float | None
+    gateway_throughput_ratio_batching_off: float | None
+    batching_throughput_ratio: float | None
+    cpu_s_per_scan: dict[str, float]
+    cpu_per_scan_ratio: float | None
+    machine_busy_fraction: dict[str, float]
+    stage_p50_ms: dict[str, dict[str, float]]
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> Throughput:
+        return _read(
+            cls,
+            data,
+            results=_runs(data.get("results")),
+            cpu_s_per_scan=data.get("cpu_s_per_scan") or {},
+            machine_busy_fraction=data.get("machine_busy_fraction") or {},
+            stage_p50_ms=data.get("stage_p50_ms") or {},
+        )
+
+
+@dataclass(frozen=True)
+class Upload:
+    format: str | None
+    mb: float | None
+    gateway_p50_ms: float | None
+    decode_p50_ms: float | None
+    preprocess_p50_ms: float | None
+    errors: int | None
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Gateway RSS / PSS while it serves concurrent DICOM zips."""
+
+    input: str | None
+    zip_mb: float | None
+    concurrency: int | None
+    idle_rss_mb: float | None
+    peak_rss_mb: float | None
+    peak_pss_mb: float | None
+    processes: int | None
+    samples: int | None
+    per_process_peak_rss_mb: list[float] | None
+    preprocess_workers: int | None
+    requests: LoadRun
+    stage_p50_ms: dict[str, float]
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> Memory:
+        return _read(
+            cls,
+            data,
+            requests=LoadRun.from_json(data.get("requests")),
+            stage_p50_ms=data.get("stage_p50_ms") or {},
+        )
+
+
+@dataclass(frozen=True)
+class PerfRow:
+    """One perf_analyzer concurrency level (the columns REPORT.md shows, in its order)."""
+
+    concurrency: float | None
+    inferences_per_s: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    server_queue_ms: float | None
+    server_compute_input_ms: float | None
+    server_compute_infer_ms: float | None
+    server_compute_output_ms: float | None
+    network_ms: float | None
+
+
+@dataclass(frozen=True)
+class PerfAnalyzer:
+    skipped: str | None = None
+    command: str | None = None
+    input: str | None = None
+    rows: list[PerfRow] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: JsonObject | None) -> PerfAnalyzer:
+        return _read(cls, data, rows=[_read(PerfRow, row) for row in (data or {}).get("rows", [])])
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """benchmarks/preprocess_bench.py: the two contract figures, and every scalar it reported, in order."""
+
+    skipped: str | None = None
+    preprocess_speedup: float | None = None
+    preprocess_max_abs_prob_delta: float | None = None
+    scalars: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: JsonObject | None) -> Preprocess:
+        # Scalars only; per-case and decode tables stay in latest.json under "preprocess".
+        scalars = {k: v for k, v in (data or {}).items() if isinstance(v, int | float | str | bool)}
+        return _read(cls, data, scalars=scalars)
+
+
+@dataclass(frozen=True)
+class RuntimeRow:
+    batch: int
+    torch_eager_p50_ms: float
+    onnxruntime_p50_ms: float
+    ort_speedup: float
+    max_abs_prob_delta: float
+
+
+@dataclass(frozen=True)
+class RuntimeModel:
+    """ONNX Runtime vs torch eager for one model: rows per batch size, or why it was skipped."""
+
+    skipped: str | None
+    rows: list[RuntimeRow]
+
+    @classmethod
+    def from_json(cls, data: JsonObject | list[JsonObject] | None) -> RuntimeModel:
+        if isinstance(data, dict) and data.get("skipped"):
+            return cls(data["skipped"], [])
+        return cls(
+            None, [RuntimeRow(**{f.name: row[f.name] for f in fields(RuntimeRow)}) for row in data or []]
+        )
+
+
+#: The models `benchmarks/runtimes.py` compares, in report order.
+RUNTIME_MODELS = ("demo", "vitb")
+
+
+@dataclass(frozen=True)
+class Runtimes:
+    threads: int | None
+    models: dict[str, RuntimeModel]
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> Runtimes:
+        return cls(data.get("threads"), {m: RuntimeModel.from_json(data.get(m)) for m in RUNTIME_MODELS})
+
+
+@dataclass(frozen=True)
+class Environment:
+    cpu_count: int | None = None
+    load_avg_at_start: list[float] | None = None
+    load_avg_at_end: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Gateway and direct path on the same file."""
+
+    gateway_vs_direct_max_abs_prob_delta: float | None
+
+
+@dataclass(frozen=True)
+class BenchResults:
+    """The whole results dict; a section the run did not measure is None (or empty)."""
+
+    mode: str | None
+    started_utc: str | None
+    elapsed_s: float | None
+    environment: Environment
+    overhead: Overhead | None
+    parity: Parity | None
+    throughput: Throughput | None
+    sweep: list[LoadRun]
+    uploads: list[Upload]
+    memory: Memory | None
+    perf_analyzer: PerfAnalyzer
+    preprocess: Preprocess
+    runtimes: Runtimes | None
+
+    @classmethod
+    def from_json(cls, results: JsonObject) -> BenchResults:
+        def section(key: str, parse: Any) -> Any:
+            return parse(results[key]) if results.get(key) else None
+
+        return cls(
+            mode=results.get("mode"),
+            started_utc=results.get("started_utc"),
+            elapsed_s=results.get("elapsed_s"),
+            environment=_read(Environment, results.get("environment")),
+            overhead=section("overhead", Overhead.from_json),
+            parity=section("parity", lambda data: _read(Parity, data)),
+            throughput=section("throughput", Throughput.from_json),
+            sweep=[LoadRun.from_json(run) for run in results.get("sweep") or []],
+            uploads=[_read(Upload, upload) for upload in results.get("uploads") or []],
+            memory=section("memory", Memory.from_json),
+            perf_analyzer=PerfAnalyzer.from_json(results.get("perf_analyzer")),
+            preprocess=Preprocess.from_json(results.get("preprocess")),
+            runtimes=section("runtimes", Runtimes.from_json),
+        )
+
+    def latency_runs(self) -> list[LoadRun]:
+        """Every gateway load run (c1, c8, sweep), for the concurrency table and plots."""
+        runs = [
+            self.overhead.gateway[k] for k in ("on", "off") if self.overhead and k in self.overhead.gateway
+        ]
+        if self.throughput:
+            runs += [
+                self.throughput.results[k] for k in ("on", "off", "direct") if k in self.throughput.results
+            ]
+        runs.extend(self.sweep)
+        return sorted(runs, key=lambda r: (r.label, r.concurrency))
 
 
 def _round(value: Any, digits: int = 4) -> Any:
@@ -110,28 +398,36 @@ def _round(value: Any, digits: int = 4) -> Any:
     return float(f"{value:.3g}") if value != 0 and abs(value) < 1e-3 else round(value, digits)
 
 
-def summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The contract line: the six ratios/figures, pass/miss per target and what the inputs were."""
-    figures = {
-        "gateway_overhead_ratio": _get(results, "overhead", "ratio_batching_on"),
-        "gateway_throughput_ratio": _get(results, "throughput", "gateway_throughput_ratio"),
-        "batching_throughput_ratio": _get(results, "throughput", "batching_throughput_ratio"),
-        "preprocess_speedup": _get(results, "preprocess", "preprocess_speedup"),
-        "preprocess_max_abs_prob_delta": _get(results, "preprocess", "preprocess_max_abs_prob_delta"),
-        "gateway_peak_rss_mb": _get(results, "memory", "peak_rss_mb"),
+def _first(values: list[float] | None) -> float | None:
+    return values[0] if values else None
+
+
+def _figures(res: BenchResults) -> dict[str, Any]:
+    """The contract figures (CONTRACT_KEYS), raw."""
+    ov, tp, mem, pre = res.overhead, res.throughput, res.memory, res.preprocess
+    return {
+        "gateway_overhead_ratio": ov.ratio_batching_on if ov else None,
+        "gateway_throughput_ratio": tp.gateway_throughput_ratio if tp else None,
+        "batching_throughput_ratio": tp.batching_throughput_ratio if tp else None,
+        "preprocess_speedup": pre.preprocess_speedup,
+        "preprocess_max_abs_prob_delta": pre.preprocess_max_abs_prob_delta,
+        "gateway_peak_rss_mb": mem.peak_rss_mb if mem else None,
     }
+
+
+def summary(results: JsonObject) -> dict[str, Any]:
+    """The contract line: the six ratios/figures, pass/miss per target and what the inputs were."""
+    res = BenchResults.from_json(results)
+    figures = _figures(res)
     out: dict[str, Any] = {key: _round(figures[key]) for key in CONTRACT_KEYS}
     out["targets"] = {t.key: t.check(figures[t.key]) for t in TARGETS if t.op}
-    out["mode"] = results.get("mode")
-    out["gateway_peak_rss_input"] = _get(results, "memory", "input")
-    out["gateway_peak_pss_mb"] = _get(results, "memory", "peak_pss_mb")
-    out["perf_analyzer"] = "skipped" if _get(results, "perf_analyzer", "skipped") else "ran"
-    out["elapsed_s"] = results.get("elapsed_s")
+    out["mode"] = res.mode
+    out["gateway_peak_rss_input"] = res.memory.input if res.memory else None
+    out["gateway_peak_pss_mb"] = res.memory.peak_pss_mb if res.memory else None
+    out["perf_analyzer"] = "skipped" if res.perf_analyzer.skipped else "ran"
+    out["elapsed_s"] = res.elapsed_s
     # A shared machine: the load average tells how much the other tenants disturbed this run.
-    out["load_avg_1m"] = [
-        _get(results, "environment", "load_avg_at_start", "0"),
-        _get(results, "environment", "load_avg_at_end", "0"),
-    ]
+    out["load_avg_1m"] = [_first(res.environment.load_avg_at_start), _first(res.environment.load_avg_at_end)]
     return out
 
 
@@ -154,21 +450,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def _latency_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every gateway load result (c1, c8, sweep) as flat rows, for the concurrency table and plots."""
-    rows = []
-    for key in ("on", "off"):
-        c1 = _get(results, "overhead", "gateway", key)
-        if c1:
-            rows.append(c1)
-    for key in ("on", "off", "direct"):
-        c8 = _get(results, "throughput", "results", key)
-        if c8:
-            rows.append(c8)
-    rows.extend(results.get("sweep") or [])
-    return sorted(rows, key=lambda r: (r["label"], r["concurrency"]))
-
-
 _THROUGHPUT_PATHS = (("on", "gateway batching on"), ("off", "gateway batching off"), ("direct", "direct"))
 
 
@@ -176,355 +457,360 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
-def _values(mapping: dict[str, Any] | None, *keys: str) -> list[Any]:
-    """`mapping[key]` for each key, None where missing (a table row from a results dict)."""
-    return [(mapping or {}).get(key) for key in keys]
+def _latency_row(name: str, latency: Latency | None) -> list[Any]:
+    lat = latency or Latency()
+    return [name, lat.p50_ms, lat.p90_ms, lat.p99_ms, lat.count]
 
 
-def _latency_row(name: str, latency: dict[str, Any] | None) -> list[Any]:
-    return [name, *_values(latency, "p50_ms", "p90_ms", "p99_ms", "count")]
+def _stage_list(stages: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {float(v):.0f}" for k, v in stages.items())
 
 
-def diagnostics(results: dict[str, Any]) -> list[str]:
-    """Sentences that locate where a ratio comes from (computed from this run's own numbers)."""
-    out: list[str] = []
-    ov = results.get("overhead") or {}
-    stages = ov.get("gateway_stage_p50_ms") or {}
-    gw = _get(ov, "gateway", "on", "latency", "p50_ms")
-    if stages and gw is not None and ov.get("direct_p50_ms"):
-        cpu = sum(float(stages.get(k, 0.0)) for k in ("decode", "validate", "preprocess"))
-        inner = sum(float(v) for k, v in stages.items() if k != "total")
-        prepare = _get(ov, "direct_prepare", "p50_ms") or 0.0
-        infer = _get(ov, "direct_infer", "p50_ms") or 0.0
-        total = float(stages.get("total", inner))
+def _overhead_diagnostics(ov: Overhead) -> list[str]:
+    stages = ov.gateway_stage_p50_ms
+    gw = ov.gateway_p50_ms("on")
+    if not (stages and gw is not None and ov.direct_p50_ms):
+        return []
+    cpu = sum(float(stages.get(k, 0.0)) for k in ("decode", "validate", "preprocess"))
+    inner = sum(float(v) for k, v in stages.items() if k != "total")
+    prepare = (ov.direct_prepare.p50_ms if ov.direct_prepare else None) or 0.0
+    infer = (ov.direct_infer.p50_ms if ov.direct_infer else None) or 0.0
+    total = float(stages.get("total", inner))
+    out = [
+        f"Overhead: the gateway's own decode+validate+preprocess p50s sum to {cpu:.0f} ms vs "
+        f"{prepare:.0f} ms in-process; its infer stage {stages.get('infer', 0):.0f} ms vs {infer:.0f} ms "
+        f"direct; queue {stages.get('queue', 0):.1f} ms. Inside the handler but outside the stages "
+        f"(its `total` p50 minus the stage p50s) ≈ {total - inner:.0f} ms: receiving and spooling the "
+        "upload, the readiness check, and handing the file to a worker process and the tensor back. "
+        f"Outside the handler (client p50 minus `total`) ≈ {gw - total:.0f} ms: HTTP parsing, "
+        "routing, JSON. p50s of parts do not add up exactly to the p50 of their sum."
+    ]
+    per_scan = ov.cpu_s_per_scan
+    if per_scan:
         out.append(
-            f"Overhead: the gateway's own decode+validate+preprocess p50s sum to {cpu:.0f} ms vs "
-            f"{prepare:.0f} ms in-process; its infer stage {stages.get('infer', 0):.0f} ms vs {infer:.0f} ms "
-            f"direct; queue {stages.get('queue', 0):.1f} ms. Inside the handler but outside the stages "
-            f"(its `total` p50 minus the stage p50s) ≈ {total - inner:.0f} ms: receiving and spooling the "
-            "upload, the readiness check, and handing the file to a worker process and the tensor back. "
-            f"Outside the handler (client p50 minus `total`) ≈ {gw - total:.0f} ms: HTTP parsing, "
-            "routing, JSON. p50s of parts do not add up exactly to the p50 of their sum."
+            f"CPU-seconds per scan at concurrency 1: gateway on {per_scan.get('on')}, off "
+            f"{per_scan.get('off')}, direct {per_scan.get('direct')} (on÷direct "
+            f"{_fmt(ov.cpu_ratio_batching_on, 3)}): the CPU the gateway path adds, at any load."
         )
-        per_scan = ov.get("cpu_s_per_scan") or {}
-        if per_scan:
-            out.append(
-                f"CPU-seconds per scan at concurrency 1: gateway on {per_scan.get('on')}, off "
-                f"{per_scan.get('off')}, direct {per_scan.get('direct')} (on÷direct "
-                f"{_fmt(ov.get('cpu_ratio_batching_on'), 3)}): the CPU the gateway path adds, at any load."
-            )
-        off = _get(ov, "gateway", "off", "latency", "p50_ms")
-        if off is not None:
-            out.append(
-                "Noise check: at concurrency 1 micro-batching cannot change latency by more than its few-ms "
-                f"delay, yet the batching on/off p50s differ by {abs(gw - off):.0f} ms "
-                f"({abs(gw - off) / off:.0%}): that is the run-to-run noise of this machine."
-            )
-    tp = results.get("throughput") or {}
-    if tp.get("results"):
-        on, off_tp, direct_tp = (_get(tp, "results", k, "scans_per_s") for k in ("on", "off", "direct"))
+    off = ov.gateway_p50_ms("off")
+    if off is not None:
         out.append(
-            f"Throughput at concurrency {tp.get('concurrency')}: gateway batching on {on} scans/s, off "
-            f"{off_tp}, direct {direct_tp} (on÷direct {_fmt(tp.get('gateway_throughput_ratio'), 3)}, "
-            f"off÷direct {_fmt(tp.get('gateway_throughput_ratio_batching_off'), 3)}). Both paths are "
-            "CPU-bound on the same cores (one preprocessing process per core plus Triton's ONNX Runtime), "
-            "so the ratio mostly measures how well each keeps the cores busy."
-        )
-        per_scan = tp.get("cpu_s_per_scan") or {}
-        if per_scan:
-            out.append(
-                "CPU-seconds per scan (Triton + client + gateway processes; robust to other tenants' load): "
-                f"gateway on {per_scan.get('on')}, off {per_scan.get('off')}, "
-                f"direct {per_scan.get('direct')} "
-                f"(on÷direct {_fmt(tp.get('cpu_per_scan_ratio'), 3)}). With the cores saturated, throughput "
-                "on a quiet machine is ≈ cores ÷ CPU-seconds per scan."
-            )
-        busy = tp.get("machine_busy_fraction") or {}
-        if busy:
-            out.append(
-                "Machine CPU busy while each path ran (all processes on it): "
-                + ", ".join(f"{name} {_pct(busy.get(key))}" for key, name in _THROUGHPUT_PATHS)
-                + ". A path that leaves cores idle loses throughput to waiting, not to work."
-            )
-        for key, name in _THROUGHPUT_PATHS:
-            stage = _get(tp, "stage_p50_ms", key)
-            if stage:
-                listed = ", ".join(f"{k} {float(v):.0f}" for k, v in stage.items())
-                out.append(f"Stage p50s under load, {name} (ms): {listed}.")
-    env = results.get("environment") or {}
-    if env.get("load_avg_at_start") is not None:
-        out.append(
-            f"Load average (1/5/15 min) at start {env.get('load_avg_at_start')} on {env.get('cpu_count')} "
-            "cores (what other tenants were using before the run: near or above the core count, expect "
-            f"wider intervals); at end {env.get('load_avg_at_end')}, which includes the run's own load."
+            "Noise check: at concurrency 1 micro-batching cannot change latency by more than its few-ms "
+            f"delay, yet the batching on/off p50s differ by {abs(gw - off):.0f} ms "
+            f"({abs(gw - off) / off:.0%}): that is the run-to-run noise of this machine."
         )
     return out
 
 
-def render_markdown(results: dict[str, Any], notes: dict[str, str] | None = None) -> str:
-    s = summary(results)
-    lines = [
+def _throughput_diagnostics(tp: Throughput) -> list[str]:
+    if not tp.results:
+        return []
+    on, off, direct = (
+        tp.results[k].scans_per_s if k in tp.results else None for k in ("on", "off", "direct")
+    )
+    out = [
+        f"Throughput at concurrency {tp.concurrency}: gateway batching on {on} scans/s, off "
+        f"{off}, direct {direct} (on÷direct {_fmt(tp.gateway_throughput_ratio, 3)}, "
+        f"off÷direct {_fmt(tp.gateway_throughput_ratio_batching_off, 3)}). Both paths are "
+        "CPU-bound on the same cores (one preprocessing process per core plus Triton's ONNX Runtime), "
+        "so the ratio mostly measures how well each keeps the cores busy."
+    ]
+    per_scan = tp.cpu_s_per_scan
+    if per_scan:
+        out.append(
+            "CPU-seconds per scan (Triton + client + gateway processes; robust to other tenants' load): "
+            f"gateway on {per_scan.get('on')}, off {per_scan.get('off')}, "
+            f"direct {per_scan.get('direct')} "
+            f"(on÷direct {_fmt(tp.cpu_per_scan_ratio, 3)}). With the cores saturated, throughput "
+            "on a quiet machine is ≈ cores ÷ CPU-seconds per scan."
+        )
+    busy = tp.machine_busy_fraction
+    if busy:
+        out.append(
+            "Machine CPU busy while each path ran (all processes on it): "
+            + ", ".join(f"{name} {_pct(busy.get(key))}" for key, name in _THROUGHPUT_PATHS)
+            + ". A path that leaves cores idle loses throughput to waiting, not to work."
+        )
+    for key, name in _THROUGHPUT_PATHS:
+        stage = tp.stage_p50_ms.get(key)
+        if stage:
+            out.append(f"Stage p50s under load, {name} (ms): {_stage_list(stage)}.")
+    return out
+
+
+def _environment_diagnostics(env: Environment) -> list[str]:
+    if env.load_avg_at_start is None:
+        return []
+    return [
+        f"Load average (1/5/15 min) at start {env.load_avg_at_start} on {env.cpu_count} "
+        "cores (what other tenants were using before the run: near or above the core count, expect "
+        f"wider intervals); at end {env.load_avg_at_end}, which includes the run's own load."
+    ]
+
+
+def diagnostics(results: JsonObject) -> list[str]:
+    """Sentences that locate where a ratio comes from (computed from this run's own numbers)."""
+    return _diagnostics(BenchResults.from_json(results))
+
+
+def _diagnostics(res: BenchResults) -> list[str]:
+    out: list[str] = []
+    if res.overhead:
+        out += _overhead_diagnostics(res.overhead)
+    if res.throughput:
+        out += _throughput_diagnostics(res.throughput)
+    return out + _environment_diagnostics(res.environment)
+
+
+def _header_section(res: BenchResults) -> list[str]:
+    return [
         "# HeadCT-Serve benchmark report",
         "",
-        f"Mode **{results.get('mode')}**, started {results.get('started_utc')}, "
-        f"{results.get('elapsed_s')} s. "
-        f"Machine: {_get(results, 'environment', 'cpu_count')} CPU cores, load average at start "
-        f"{_get(results, 'environment', 'load_avg_at_start')} (shared machine: read the ratios, not the "
+        f"Mode **{res.mode}**, started {res.started_utc}, "
+        f"{res.elapsed_s} s. "
+        f"Machine: {res.environment.cpu_count} CPU cores, load average at start "
+        f"{res.environment.load_avg_at_start} (shared machine: read the ratios, not the "
         "absolute numbers). Generated by `python -m benchmarks`; raw data in `latest.json`.",
         "",
-        "All inputs are SYNTHETIC head CTs (atlas-based, `export/demo/synthetic_head.py`), served by the "
+        "All inputs are SYNTHETIC head CTs (atlas-based, `demo/synthetic_head.py`), served by the "
         "synthetic demo model; not for clinical use.",
+    ]
+
+
+def _targets_section(res: BenchResults, notes: dict[str, str] | None) -> list[str]:
+    s = {key: _round(value) for key, value in _figures(res).items()}
+    rows = [
+        [
+            f"`{target.key}`",
+            _fmt(s.get(target.key), 4),
+            target.text,
+            target.check(s.get(target.key)),
+            target.meaning + (f" {notes[target.key]}" if notes and target.key in notes else ""),
+        ]
+        for target in TARGETS
+    ]
+    return ["", "## Targets", "", *_table(["figure", "value", "target", "status", "what it means"], rows)]
+
+
+def _latency_section(ov: Overhead, parity: Parity | None) -> list[str]:
+    lines = [
         "",
-        "## Targets",
+        "## Latency of one scan (concurrency 1)",
+        "",
+        f"Input `{ov.input}` as NIfTI.gz. Gateway stage p50s come from the response's "
+        "`timings_ms`; whatever the client sees beyond their sum is HTTP, upload spooling and JSON.",
+        "",
+    ]
+    gateway = {key: run.latency for key, run in ov.gateway.items()}
+    lines += _table(
+        ["path", "p50 ms", "p90 ms", "p99 ms", "n"],
+        [
+            _latency_row("gateway, batching on", gateway.get("on")),
+            _latency_row("gateway, batching off", gateway.get("off")),
+            _latency_row("direct: decode+validate+preprocess in-process", ov.direct_prepare),
+            _latency_row("direct: Triton gRPC infer", ov.direct_infer),
+            ["direct: sum of p50s", ov.direct_p50_ms, None, None, None],
+        ],
+    )
+    stages = ov.gateway_stage_p50_ms
+    if stages:
+        lines += [
+            "",
+            "Gateway stages (p50 ms, batching on): "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in stages.items())
+            + ".",
+        ]
+    lines += ["", f"Overhead ratio with batching off: {_fmt(ov.ratio_batching_off, 4)}."]
+    if ov.ratio_ci90:
+        lines += [
+            "90 % bootstrap intervals of the overhead ratio (rounds resampled as pairs; how far this "
+            "machine's noise can move the p50 ratio): "
+            + "; ".join(
+                f"batching {key} [{_fmt(low, 3)}, {_fmt(high, 3)}]"
+                for key, (low, high) in ov.ratio_ci90.items()
+            )
+            + "."
+        ]
+    if parity:
+        lines += [
+            "Gateway and direct path agree: max |Δprobability| = "
+            f"{_fmt(parity.gateway_vs_direct_max_abs_prob_delta)} on the same file."
+        ]
+    return lines
+
+
+def _throughput_section(tp: Throughput) -> list[str]:
+    lines = [
+        "",
+        f"## Throughput at concurrency {tp.concurrency}",
+        "",
+        f"Paths interleaved round by round; direct pool: {tp.direct_pool_workers} worker processes.",
         "",
     ]
     rows = []
-    for target in TARGETS:
-        rows.append(
-            [
-                f"`{target.key}`",
-                _fmt(s.get(target.key), 4),
-                target.text,
-                target.check(s.get(target.key)),
-                target.meaning + (f" {notes[target.key]}" if notes and target.key in notes else ""),
-            ]
-        )
-    lines += _table(["figure", "value", "target", "status", "what it means"], rows)
+    for key, name in (
+        ("on", "gateway, batching on"),
+        ("off", "gateway, batching off"),
+        ("direct", "direct (pool + gRPC)"),
+    ):
+        r = tp.results.get(key) or LoadRun()
+        rows.append([name, r.scans_per_s, r.latency.p50_ms, r.latency.p99_ms, r.completed, r.errors])
+    lines += _table(["path", "scans/s", "p50 ms", "p99 ms", "ok", "errors"], rows)
+    off_ratio = _fmt(tp.gateway_throughput_ratio_batching_off, 4)
+    return [*lines, "", f"Gateway with batching off ÷ direct: {off_ratio}."]
 
-    diag = diagnostics(results)
+
+def _concurrency_section(runs: list[LoadRun]) -> list[str]:
+    lines = [
+        "",
+        "## Latency and throughput against concurrency",
+        "",
+        "![latency](latency_vs_concurrency.png)",
+        "![throughput](throughput_vs_concurrency.png)",
+        "",
+    ]
+    return lines + _table(
+        ["path", "concurrency", "scans/s", "p50 ms", "p90 ms", "p99 ms", "errors"],
+        [
+            [
+                r.label,
+                r.concurrency,
+                r.scans_per_s,
+                r.latency.p50_ms,
+                r.latency.p90_ms,
+                r.latency.p99_ms,
+                r.errors,
+            ]
+            for r in runs
+        ],
+    )
+
+
+def _uploads_section(uploads: list[Upload]) -> list[str]:
+    lines = ["", "## Upload cost of the same scan", "", "Gateway (batching on), concurrency 1.", ""]
+    return lines + _table(
+        ["format", "MB on the wire", "gateway p50 ms", "decode p50 ms", "preprocess p50 ms", "errors"],
+        [[u.format, u.mb, u.gateway_p50_ms, u.decode_p50_ms, u.preprocess_p50_ms, u.errors] for u in uploads],
+    )
+
+
+def _memory_section(mem: Memory) -> list[str]:
+    return [
+        "",
+        "## Gateway memory",
+        "",
+        f"{mem.concurrency} concurrent `{mem.input}` DICOM zips "
+        f"({mem.zip_mb} MB each). "
+        f"Idle RSS {mem.idle_rss_mb} MB; peak RSS {mem.peak_rss_mb} MB (PSS "
+        f"{mem.peak_pss_mb} MB) over up to {mem.processes} processes, "
+        f"{mem.samples} samples. "
+        f"Requests: {mem.requests.completed} ok, {mem.requests.errors} errors, "
+        f"p50 {mem.requests.latency.p50_ms} ms. Stage p50s (ms): " + _stage_list(mem.stage_p50_ms) + ". "
+        f"Peak RSS per process (the gateway first, then its {mem.preprocess_workers} "
+        "preprocessing workers and multiprocessing's resource tracker): "
+        f"{mem.per_process_peak_rss_mb} MB; each worker holds one decoded series at a "
+        "time, so the peak grows with HEADCT_PREPROCESS_WORKERS (default: CPU count, at most 8).",
+    ]
+
+
+_PERF_COLUMNS = {
+    "concurrency": "concurrency",
+    "infer/s": "inferences_per_s",
+    "p50 ms": "p50_ms",
+    "p99 ms": "p99_ms",
+    "server queue ms": "server_queue_ms",
+    "compute input ms": "server_compute_input_ms",
+    "compute infer ms": "server_compute_infer_ms",
+    "compute output ms": "server_compute_output_ms",
+    "network ms": "network_ms",
+}
+
+
+def _perf_analyzer_section(pa: PerfAnalyzer) -> list[str]:
+    lines = ["", "## perf_analyzer (Triton alone, server-side breakdown)", ""]
+    if pa.skipped:
+        return [*lines, f"Skipped: {pa.skipped}."]
+    lines += [f"`perf_analyzer {pa.command}`, input {pa.input}.", ""]
+    rows = sorted(pa.rows, key=lambda row: float(row.concurrency or 0))
+    return lines + _table(
+        list(_PERF_COLUMNS), [[getattr(row, name) for name in _PERF_COLUMNS.values()] for row in rows]
+    )
+
+
+def _preprocess_section(pre: Preprocess) -> list[str]:
+    lines = ["", "## Preprocessing: production vs MONAI reference", ""]
+    if pre.skipped:
+        return [*lines, f"Skipped: {pre.skipped}."]
+    lines += ["From `benchmarks/preprocess_bench.py` (per-case detail in `latest.json`):", ""]
+    return lines + _table(["figure", "value"], [[f"`{k}`", v] for k, v in pre.scalars.items()])
+
+
+def _runtimes_section(rt: Runtimes) -> list[str]:
+    lines = [
+        "",
+        "## ONNX Runtime vs PyTorch eager (CPU)",
+        "",
+        f"{rt.threads} threads each; same graph and inputs.",
+        "",
+    ]
+    rows: list[list[Any]] = []
+    for name, model in rt.models.items():
+        if model.skipped:
+            rows.append([name, "skipped", model.skipped, None, None, None])
+            continue
+        rows += [
+            [name, r.batch, r.torch_eager_p50_ms, r.onnxruntime_p50_ms, r.ort_speedup, r.max_abs_prob_delta]
+            for r in model.rows
+        ]
+    return lines + _table(
+        ["model", "batch", "torch eager p50 ms", "ORT p50 ms", "ORT speed-up", "max abs Δp"], rows
+    )
+
+
+_GPU_SECTION = [
+    "",
+    "## GPU",
+    "",
+    "`benchmarks/gpu_bench.py` (full-size ViT-B, bf16, SDPA, batch 1–64) is prepared for "
+    "an H200; no GPU figures are reported here unless `gpu.json` sits beside this report.",
+]
+
+
+def render_markdown(results: JsonObject, notes: dict[str, str] | None = None) -> str:
+    res = BenchResults.from_json(results)
+    lines = _header_section(res) + _targets_section(res, notes)
+    diag = _diagnostics(res)
     if diag:
         lines += ["", "## Where the ratios come from", ""] + [f"- {sentence}" for sentence in diag]
-
-    ov = results.get("overhead") or {}
-    if ov:
-        lines += [
-            "",
-            "## Latency of one scan (concurrency 1)",
-            "",
-            f"Input `{ov.get('input')}` as NIfTI.gz. Gateway stage p50s come from the response's "
-            "`timings_ms`; whatever the client sees beyond their sum is HTTP, upload spooling and JSON.",
-            "",
-        ]
-        lines += _table(
-            ["path", "p50 ms", "p90 ms", "p99 ms", "n"],
-            [
-                _latency_row("gateway, batching on", _get(ov, "gateway", "on", "latency")),
-                _latency_row("gateway, batching off", _get(ov, "gateway", "off", "latency")),
-                _latency_row("direct: decode+validate+preprocess in-process", ov.get("direct_prepare")),
-                _latency_row("direct: Triton gRPC infer", ov.get("direct_infer")),
-                ["direct: sum of p50s", ov.get("direct_p50_ms"), None, None, None],
-            ],
-        )
-        stages = ov.get("gateway_stage_p50_ms") or {}
-        if stages:
-            lines += [
-                "",
-                "Gateway stages (p50 ms, batching on): "
-                + ", ".join(f"{k} {_fmt(v)}" for k, v in stages.items())
-                + ".",
-            ]
-        lines += ["", f"Overhead ratio with batching off: {_fmt(ov.get('ratio_batching_off'), 4)}."]
-        interval = ov.get("ratio_ci90") or {}
-        if interval:
-            lines += [
-                "90 % bootstrap intervals of the overhead ratio (rounds resampled as pairs; how far this "
-                "machine's noise can move the p50 ratio): "
-                + "; ".join(
-                    f"batching {key} [{_fmt(low, 3)}, {_fmt(high, 3)}]"
-                    for key, (low, high) in interval.items()
-                )
-                + "."
-            ]
-        parity = results.get("parity") or {}
-        if parity:
-            lines += [
-                f"Gateway and direct path agree: max |Δprobability| = "
-                f"{_fmt(parity.get('gateway_vs_direct_max_abs_prob_delta'))} on the same file."
-            ]
-
-    tp = results.get("throughput") or {}
-    if tp:
-        lines += [
-            "",
-            f"## Throughput at concurrency {tp.get('concurrency')}",
-            "",
-            f"Paths interleaved round by round; direct pool: {tp.get('direct_pool_workers')} "
-            "worker processes.",
-            "",
-        ]
-        trows = []
-        for key, name in (
-            ("on", "gateway, batching on"),
-            ("off", "gateway, batching off"),
-            ("direct", "direct (pool + gRPC)"),
-        ):
-            r = _get(tp, "results", key) or {}
-            lat = r.get("latency") or {}
-            trows.append(
-                [
-                    name,
-                    r.get("scans_per_s"),
-                    *_values(lat, "p50_ms", "p99_ms"),
-                    *_values(r, "completed", "errors"),
-                ]
-            )
-        lines += _table(["path", "scans/s", "p50 ms", "p99 ms", "ok", "errors"], trows)
-        lines += [
-            "",
-            "Gateway with batching off ÷ direct: "
-            f"{_fmt(tp.get('gateway_throughput_ratio_batching_off'), 4)}.",
-        ]
-
-    rows_all = _latency_rows(results)
-    if rows_all:
-        lines += [
-            "",
-            "## Latency and throughput against concurrency",
-            "",
-            "![latency](latency_vs_concurrency.png)",
-            "![throughput](throughput_vs_concurrency.png)",
-            "",
-        ]
-        lines += _table(
-            ["path", "concurrency", "scans/s", "p50 ms", "p90 ms", "p99 ms", "errors"],
-            [
-                [
-                    *_values(r, "label", "concurrency", "scans_per_s"),
-                    *_values(r.get("latency"), "p50_ms", "p90_ms", "p99_ms"),
-                    r["errors"],
-                ]
-                for r in rows_all
-            ],
-        )
-
-    if results.get("uploads"):
-        lines += ["", "## Upload cost of the same scan", "", "Gateway (batching on), concurrency 1.", ""]
-        lines += _table(
-            ["format", "MB on the wire", "gateway p50 ms", "decode p50 ms", "preprocess p50 ms", "errors"],
-            [
-                _values(u, "format", "mb", "gateway_p50_ms", "decode_p50_ms", "preprocess_p50_ms", "errors")
-                for u in results["uploads"]
-            ],
-        )
-
-    mem = results.get("memory") or {}
-    if mem:
-        lines += [
-            "",
-            "## Gateway memory",
-            "",
-            f"{mem.get('concurrency')} concurrent `{mem.get('input')}` DICOM zips "
-            f"({mem.get('zip_mb')} MB each). "
-            f"Idle RSS {mem.get('idle_rss_mb')} MB; peak RSS {mem.get('peak_rss_mb')} MB (PSS "
-            f"{mem.get('peak_pss_mb')} MB) over up to {mem.get('processes')} processes, "
-            f"{mem.get('samples')} samples. "
-            f"Requests: {_get(mem, 'requests', 'completed')} ok, {_get(mem, 'requests', 'errors')} errors, "
-            f"p50 {_get(mem, 'requests', 'latency', 'p50_ms')} ms. Stage p50s (ms): "
-            + ", ".join(f"{k} {float(v):.0f}" for k, v in (mem.get("stage_p50_ms") or {}).items())
-            + ". "
-            f"Peak RSS per process (the gateway first, then its {mem.get('preprocess_workers')} "
-            "preprocessing workers and multiprocessing's resource tracker): "
-            f"{mem.get('per_process_peak_rss_mb')} MB; each worker holds one decoded series at a "
-            "time, so the peak grows with HEADCT_PREPROCESS_WORKERS (default: CPU count, at most 8).",
-        ]
-
+    if res.overhead:
+        lines += _latency_section(res.overhead, res.parity)
+    if res.throughput:
+        lines += _throughput_section(res.throughput)
+    runs = res.latency_runs()
+    if runs:
+        lines += _concurrency_section(runs)
+    if res.uploads:
+        lines += _uploads_section(res.uploads)
+    if res.memory:
+        lines += _memory_section(res.memory)
     lines += ["", "## Stage breakdown", "", "![stages](stage_breakdown.png)"]
-
-    pa = results.get("perf_analyzer") or {}
-    lines += ["", "## perf_analyzer (Triton alone, server-side breakdown)", ""]
-    if pa.get("skipped"):
-        lines += [f"Skipped: {pa['skipped']}."]
-    else:
-        lines += [f"`perf_analyzer {pa.get('command')}`, input {pa.get('input')}.", ""]
-        lines += _table(
-            [
-                "concurrency",
-                "infer/s",
-                "p50 ms",
-                "p99 ms",
-                "server queue ms",
-                "compute input ms",
-                "compute infer ms",
-                "compute output ms",
-                "network ms",
-            ],
-            [
-                _values(
-                    r,
-                    "concurrency",
-                    "inferences_per_s",
-                    "p50_ms",
-                    "p99_ms",
-                    "server_queue_ms",
-                    "server_compute_input_ms",
-                    "server_compute_infer_ms",
-                    "server_compute_output_ms",
-                    "network_ms",
-                )
-                for r in sorted(pa.get("rows", []), key=lambda row: float(row.get("concurrency") or 0))
-            ],
-        )
-
-    pre = results.get("preprocess") or {}
-    lines += ["", "## Preprocessing: production vs MONAI reference", ""]
-    if pre.get("skipped"):
-        lines += [f"Skipped: {pre['skipped']}."]
-    else:
-        # Scalars here; per-case and decode tables stay in latest.json under "preprocess".
-        scalars = [[f"`{k}`", v] for k, v in pre.items() if isinstance(v, int | float | str | bool)]
-        lines += ["From `benchmarks/preprocess_bench.py` (per-case detail in `latest.json`):", ""]
-        lines += _table(["figure", "value"], scalars)
-
-    rt = results.get("runtimes") or {}
-    if rt:
-        lines += [
-            "",
-            "## ONNX Runtime vs PyTorch eager (CPU)",
-            "",
-            f"{rt.get('threads')} threads each; same graph and inputs.",
-            "",
-        ]
-        trows = []
-        for model in ("demo", "vitb"):
-            entry = rt.get(model)
-            if isinstance(entry, dict) and entry.get("skipped"):
-                trows.append([model, "skipped", entry["skipped"], None, None, None])
-                continue
-            for r in entry or []:
-                trows.append(
-                    [
-                        model,
-                        r["batch"],
-                        r["torch_eager_p50_ms"],
-                        r["onnxruntime_p50_ms"],
-                        r["ort_speedup"],
-                        r["max_abs_prob_delta"],
-                    ]
-                )
-        lines += _table(
-            ["model", "batch", "torch eager p50 ms", "ORT p50 ms", "ORT speed-up", "max abs Δp"], trows
-        )
-    lines += [
-        "",
-        "## GPU",
-        "",
-        "`benchmarks/gpu_bench.py` (full-size ViT-B, bf16, SDPA, batch 1–64) is prepared for "
-        "an H200; no GPU figures are reported here unless `gpu.json` sits beside this report.",
-    ]
-    return "\n".join(lines) + "\n"
+    lines += _perf_analyzer_section(res.perf_analyzer) + _preprocess_section(res.preprocess)
+    if res.runtimes:
+        lines += _runtimes_section(res.runtimes)
+    return "\n".join(lines + _GPU_SECTION) + "\n"
 
 
 # ---- plots -------------------------------------------------------------------------------------
 
 
 def _series(
-    rows: list[dict[str, Any]], label: str, value: Callable[[dict[str, Any]], float | None]
+    runs: list[LoadRun], label: str | None, value: Callable[[LoadRun], float | None]
 ) -> tuple[list[int], list[float]]:
     xs, ys = [], []
-    for r in rows:
+    for r in runs:
         v = value(r)
-        if r["label"] == label and v is not None:
-            xs.append(r["concurrency"])
+        if r.label == label and v is not None:
+            xs.append(r.concurrency)
             ys.append(v)
     return xs, ys
 
@@ -544,75 +830,95 @@ def _save(
     return path
 
 
-def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+def _plot_latency(runs: list[LoadRun], labels: list[Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = plt.get_cmap("tab10")
+    for index, label in enumerate(labels):  # one colour per path, one line style per percentile
+        for pct, style in (("p50_ms", "-o"), ("p90_ms", "--^"), ("p99_ms", ":s")):
+            xs, ys = _series(runs, label, lambda r, p=pct: getattr(r.latency, p))
+            if xs:
+                ax.plot(xs, ys, style, color=palette(index), label=f"{label} {pct[:-3]}")
+    ax.set_ylabel("latency per scan (ms)")
+    ax.set_title("Latency percentiles against concurrency")
+    ax.legend(fontsize=7)
+    return _save(fig, ax, path)
+
+
+def _plot_throughput(runs: list[LoadRun], labels: list[Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in labels:
+        xs, ys = _series(runs, label, lambda r: r.scans_per_s)
+        if xs:
+            ax.plot(xs, ys, "-o", label=label)
+    ax.set_ylabel("scans / s")
+    ax.set_title("Throughput against concurrency")
+    ax.legend(fontsize=8)
+    return _save(fig, ax, path)
+
+
+def _stage_bars(ov: Overhead) -> dict[str, list[tuple[str, float]]]:
+    """Stacked segments (name, p50 ms) per bar: the gateway's stages in pipeline order, the direct path."""
+    stages = ov.gateway_stage_p50_ms
+    gateway_total = ov.gateway_p50_ms("on") or 0.0
+    pipeline = ("decode", "validate", "preprocess", "queue", "infer")  # the order a scan goes through
+    parts = [(k, float(stages[k])) for k in pipeline if k in stages]
+    parts += [(k, float(v)) for k, v in stages.items() if k not in pipeline and k != "total"]
+    other = max(0.0, gateway_total - sum(v for _, v in parts))
+    return {
+        "gateway (c=1)": [*parts, ("upload+worker hand-over+http", other)],
+        "direct (c=1)": [
+            ("decode+validate+preprocess", (ov.direct_prepare.p50_ms if ov.direct_prepare else None) or 0.0),
+            ("infer (direct gRPC)", (ov.direct_infer.p50_ms if ov.direct_infer else None) or 0.0),
+        ],
+    }
+
+
+def _plot_stage_breakdown(ov: Overhead, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    bars = _stage_bars(ov)
+    colors = plt.get_cmap("tab10")
+    names = list(dict.fromkeys(name for segs in bars.values() for name, _ in segs))
+    for y, segs in enumerate(bars.values()):
+        left = 0.0
+        for name, width in segs:
+            ax.barh(
+                y,
+                width,
+                left=left,
+                color=colors(names.index(name) % 10),
+                label=name if y == 0 or name not in [n for n, _ in bars["gateway (c=1)"]] else None,
+            )
+            left += width
+    ax.set_yticks(range(len(bars)), list(bars))
+    ax.set_title("Where one scan's time goes")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4)
+    return _save(fig, ax, path, xlabel="p50 ms", grid=False)
+
+
+def write_plots(results: JsonObject, out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: files only
-    import matplotlib.pyplot as plt
 
+    res = BenchResults.from_json(results)
     written: list[Path] = []
-    rows = _latency_rows(results)
-    labels = sorted({r["label"] for r in rows})
-    if rows:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        palette = plt.get_cmap("tab10")
-        for index, label in enumerate(labels):  # one colour per path, one line style per percentile
-            for pct, style in (("p50_ms", "-o"), ("p90_ms", "--^"), ("p99_ms", ":s")):
-                xs, ys = _series(rows, label, lambda r, p=pct: _get(r, "latency", p))
-                if xs:
-                    ax.plot(xs, ys, style, color=palette(index), label=f"{label} {pct[:-3]}")
-        ax.set_ylabel("latency per scan (ms)")
-        ax.set_title("Latency percentiles against concurrency")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, ax, out_dir / "latency_vs_concurrency.png"))
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label in labels:
-            xs, ys = _series(rows, label, lambda r: r["scans_per_s"])
-            if xs:
-                ax.plot(xs, ys, "-o", label=label)
-        ax.set_ylabel("scans / s")
-        ax.set_title("Throughput against concurrency")
-        ax.legend(fontsize=8)
-        written.append(_save(fig, ax, out_dir / "throughput_vs_concurrency.png"))
-
-    ov = results.get("overhead") or {}
-    stages = ov.get("gateway_stage_p50_ms") or {}
-    if stages:
-        fig, ax = plt.subplots(figsize=(8, 4.2))
-        gateway_total = _get(ov, "gateway", "on", "latency", "p50_ms") or 0.0
-        pipeline = ("decode", "validate", "preprocess", "queue", "infer")  # the order a scan goes through
-        parts = [(k, float(stages[k])) for k in pipeline if k in stages]
-        parts += [(k, float(v)) for k, v in stages.items() if k not in pipeline and k != "total"]
-        other = max(0.0, gateway_total - sum(v for _, v in parts))
-        bars = {
-            "gateway (c=1)": [*parts, ("upload+worker hand-over+http", other)],
-            "direct (c=1)": [
-                ("decode+validate+preprocess", _get(ov, "direct_prepare", "p50_ms") or 0.0),
-                ("infer (direct gRPC)", _get(ov, "direct_infer", "p50_ms") or 0.0),
-            ],
-        }
-        colors = plt.get_cmap("tab10")
-        names = list(dict.fromkeys(name for segs in bars.values() for name, _ in segs))
-        for y, segs in enumerate(bars.values()):
-            left = 0.0
-            for name, width in segs:
-                ax.barh(
-                    y,
-                    width,
-                    left=left,
-                    color=colors(names.index(name) % 10),
-                    label=name if y == 0 or name not in [n for n, _ in bars["gateway (c=1)"]] else None,
-                )
-                left += width
-        ax.set_yticks(range(len(bars)), list(bars))
-        ax.set_title("Where one scan's time goes")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4)
-        written.append(_save(fig, ax, out_dir / "stage_breakdown.png", xlabel="p50 ms", grid=False))
+    runs = res.latency_runs()
+    if runs:
+        labels = sorted({r.label for r in runs})
+        written.append(_plot_latency(runs, labels, out_dir / "latency_vs_concurrency.png"))
+        written.append(_plot_throughput(runs, labels, out_dir / "throughput_vs_concurrency.png"))
+    if res.overhead and res.overhead.gateway_stage_p50_ms:
+        written.append(_plot_stage_breakdown(res.overhead, out_dir / "stage_breakdown.png"))
     return written
 
 
-def write_all(results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def write_all(results: JsonObject, out_dir: Path) -> dict[str, Any]:
     """latest.json, REPORT.md and the plots; returns the contract summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     line = summary(results)

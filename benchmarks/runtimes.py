@@ -25,8 +25,8 @@ def _threads() -> int:
 
 
 def _demo_graph(repository: Path, model_name: str) -> tuple[Any, Path]:
+    from demo import train
     from export.checkpoint import load_backbone, load_head
-    from export.demo import train
     from export.serving_graph import ServingGraph
 
     checkpoints = ROOT / "build" / "demo" / "checkpoints"

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headct import contract
-from headct.local_gateway import LocalGateway
-from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
+from headct.local.gateway import LocalGateway
+from headct.local.triton import LocalTriton, TritonPorts, prepare_triton_home
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 
-from api.workers import single_threaded_blas
+from api.inference.workers import single_threaded_blas
 from benchmarks import direct, inputs, load, memory, perf_analyzer, runtimes
 from benchmarks.config import BenchConfig
 from benchmarks.cpu import CpuMeter, busy_fraction, machine_cpu_ticks

@@ -1,4 +1,5 @@
-"""Strict loading (and saving) of the official FM-HCT checkpoint layouts (fm-hct-model.md §3).
+"""Strict loading (and saving) of the official FM-HCT checkpoint layouts (official
+NYUMedML/headCT_foundation src/utils/misc.py ``save_checkpoint`` / ``load_model``).
 
 Backbone files come in three layouts, all accepted by ``load_backbone``:
 
@@ -15,6 +16,7 @@ match: any missing or unexpected key or wrong shape raises ``CheckpointError``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import os
 import re
@@ -58,10 +60,11 @@ def _numpy_safe_globals() -> list[Any]:
         import numpy as np
     except ImportError:  # numpy absent: such files cannot be read, and torch will say which global failed
         return []
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar  # numpy 2 (and 1.26's forward alias)
+    try:  # numpy 2 (and 1.26's forward alias); by name, as numpy's stubs do not declare these private names
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:
-        from numpy.core.multiarray import _reconstruct, scalar
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    scalar, _reconstruct = multiarray.scalar, multiarray._reconstruct
     allowed: list[Any] = [np.ndarray, np.dtype]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed += [(scalar, f"{module}.scalar"), (_reconstruct, f"{module}._reconstruct")]

@@ -4,7 +4,6 @@
         [--head NAME=HEAD[:THRESHOLD] ...] [--weights student|teacher] [--registers drop|keep] \\
         [--allow-unpaired] --target cpu|onnx|trt [--repository model_repository] [--model-name fmhct] \\
         [--version N] [--max-batch-size 8] [--model-version STR] [--synthetic-demo]
-    python -m export demo [--repository model_repository]
     python -m export build-engine --onnx PATH --plan PATH --max-batch-size N [--reference NPZ] \\
         [--no-parity-gate]   (inside the Triton image; gated against model.reference.npz beside the ONNX)
 
@@ -45,7 +44,7 @@ def _positive_int(text: str) -> int:
 # modules (and export.repository, which needs tritonclient's protobufs) are imported only when needed.
 
 
-def _add_serving_options(parser: argparse.ArgumentParser) -> None:
+def add_serving_options(parser: argparse.ArgumentParser) -> None:
     from export import repository
 
     parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="Triton max_batch_size (8)")
@@ -58,7 +57,7 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _serving_options(args: argparse.Namespace) -> ServingOptions:
+def serving_options(args: argparse.Namespace) -> ServingOptions:
     from export.repository import ServingOptions
 
     return ServingOptions(
@@ -86,7 +85,7 @@ def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
         description="Export FM-HCT checkpoints into a Triton model repository "
-        "(subcommands: 'demo', 'build-engine'; see their --help).",
+        "(subcommand: 'build-engine', see its --help; the synthetic demo model: `python -m demo`).",
     )
     parser.add_argument(
         "--task",
@@ -137,22 +136,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parity-seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="export even if the entry is current")
     parser.add_argument("--work-dir", type=Path, default=None, help="staging dir (default: system temp)")
-    _add_serving_options(parser)
+    add_serving_options(parser)
     _add_engine_options(parser)
-    return parser
-
-
-def demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m export demo",
-        description="Train the synthetic demo model if its checkpoints are missing, then export it "
-        "(target cpu) into the repository; a no-op when the entry is current.",
-    )
-    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    parser.add_argument("--model-name", default=contract.DEFAULT_MODEL_NAME)
-    parser.add_argument("--checkpoints", type=Path, default=None, help="default build/demo/checkpoints")
-    parser.add_argument("--force", action="store_true", help="export even if the entry is current")
-    _add_serving_options(parser)
     return parser
 
 
@@ -219,7 +204,7 @@ def _run_export(argv: Sequence[str]) -> int:
         synthetic_demo=args.synthetic_demo,
         notice=args.notice,
         opset=args.opset,
-        serving=_serving_options(args),
+        serving=serving_options(args),
         precision=args.precision,
         opt_batch_size=args.opt_batch_size,
         workspace_bytes=int(args.workspace_gb * 2**30),
@@ -229,22 +214,6 @@ def _run_export(argv: Sequence[str]) -> int:
         work_dir=args.work_dir,
     )
     outcome = pipeline.run_export(request)
-    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in outcome.timings.items())
-    print(f"export time {outcome.total_seconds:.1f} s ({stages})")
-    return EXIT_OK
-
-
-def _run_demo(argv: Sequence[str]) -> int:
-    from export import demo_export
-
-    args = demo_parser().parse_args(argv)
-    outcome = demo_export.run_demo(
-        repository=args.repository,
-        model_name=args.model_name,
-        checkpoints=args.checkpoints,
-        serving=_serving_options(args),
-        force=args.force,
-    )
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in outcome.timings.items())
     print(f"export time {outcome.total_seconds:.1f} s ({stages})")
     return EXIT_OK
@@ -272,7 +241,7 @@ def _run_build_engine(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": _run_demo, "build-engine": _run_build_engine}
+    commands = {"build-engine": _run_build_engine}
     command = commands.get(argv[0]) if argv else None
     try:
         return command(argv[1:]) if command is not None else _run_export(argv)

@@ -1,4 +1,5 @@
-"""FM-HCT downstream heads (fm-hct-model.md §1.3), each mapping backbone tokens (B, T, D) to 2 logits.
+"""FM-HCT downstream heads (NYUMedML/headCT_foundation src/models/classifier.py), each mapping
+backbone tokens (B, T, D) to 2 logits.
 
 Every task is a binary model: the positive-class probability is ``softmax(logits)[:, 1]``. Module and
 buffer names match the official ``*_classifier.pt`` files so they load with ``strict=True``.

@@ -1,6 +1,7 @@
 """The FM-HCT backbone: a MONAI-style 3D ViT-B re-implemented with the official module names.
 
-Parameter names, shapes and numerics follow fm-hct-model.md §1.1/§1.2 so that the official checkpoints load
+Parameter names, shapes and numerics follow the official code (NYUMedML/headCT_foundation src/models/vit.py,
+attentionblock.py, patch_embedding.py) so that the official checkpoints load
 with ``strict=True`` (see ``export/checkpoint.py``). Only what serving needs is implemented: no dropout, no
 LoRA, no built-in classification head, and no position-table interpolation (the input must be exactly
 ``img_size``³; anything else is rejected rather than silently resampled).
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Block norms use PyTorch's default eps; only the final norm was built with 1e-6 (fm-hct-model.md §1.1).
+# Block norms use PyTorch's default eps; only the final norm was built with 1e-6 (official vit.py).
 BLOCK_NORM_EPS = 1e-5
 FINAL_NORM_EPS = 1e-6
 SINCOS_TEMPERATURE = 10000.0

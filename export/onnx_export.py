@@ -347,7 +347,8 @@ def check_parity(
         with torch.inference_mode():
             want = [t.float().numpy() for t in graph(image)]
         got = session.run(names, {contract.INPUT_NAME: image.numpy()})
-        probability_diffs, embedding_diffs = [], []
+        probability_diffs: list[float] = []
+        embedding_diffs: list[float] = []
         for name, ours, theirs in zip(names, got, want, strict=True):
             if ours.shape != theirs.shape:
                 raise ParityError(f"{name}: onnxruntime shape {ours.shape} != torch shape {theirs.shape}")

@@ -238,7 +238,10 @@ def _load_and_group(request: ExportRequest, log: Log) -> _Loaded:
     pairings: dict[str, tasks_module.Pairing] = {}
     head_types: dict[str, str] = {}
     for spec in request.tasks:
-        backbone = backbones[spec.backbone if spec.backbone is not None else request.backbone]  # type: ignore[index]
+        backbone_path = spec.backbone if spec.backbone is not None else request.backbone
+        if backbone_path is None:  # validation refuses this before anything is loaded
+            raise ExportError(f"task {spec.name!r} uses the shared backbone, but no --backbone was given")
+        backbone = backbones[backbone_path]
         # The official attentive head uses the backbone's head count.
         head = load_head_checkpoint(spec.head, backbone.config.embed_dim, backbone.config.num_heads)
         pairings[spec.name] = tasks_module.check_pairing(

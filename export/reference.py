@@ -10,7 +10,7 @@ File layout (`numpy.savez`, no pickles): one array per ONNX input under its inpu
 `__meta__`, a JSON string: {"format", "onnx_sha256", "inputs", "outputs", "samples"}.
 
 The fixed inputs (`reference_inputs`): 2 uniform random volumes in [0, 1] and one synthetic head CT
-(`export.demo.synthetic_head`, with a hemorrhage) preprocessed by the production path
+(`demo.synthetic_head`, with a hemorrhage) preprocessed by the production path
 (`headct.preprocess.preprocess`), so the gate also sees the value distribution of a real head.
 
 The comparison is generic over output names: an output whose name starts with ``probabilities`` is
@@ -63,9 +63,9 @@ def synthetic_head_input(seed: int = DEFAULT_SEED) -> np.ndarray:
     """One seeded synthetic head CT (with a hemorrhage), preprocessed: float16 [3, 96, 96, 96].
 
     A few seconds, mostly building the atlas-derived canonical head once per process; the atlas is
-    fetched by `export.demo.atlas.ensure_atlas()` if it is not on disk yet.
+    fetched by `demo.atlas.ensure_atlas()` if it is not on disk yet.
     """
-    from export.demo.synthetic_head import make_head
+    from demo.synthetic_head import make_head
     from headct.preprocess import preprocess
 
     volume = make_head(np.random.default_rng(seed), hemorrhage=True, edema=False)
@@ -197,7 +197,11 @@ def save_reference(
 
 
 def _ort_dtype(type_name: str) -> type[np.generic]:
-    dtypes = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
+    dtypes: dict[str, type[np.generic]] = {
+        "tensor(float16)": np.float16,
+        "tensor(float)": np.float32,
+        "tensor(double)": np.float64,
+    }
     if type_name not in dtypes:
         raise ValueError(f"unsupported ONNX input type {type_name}")
     return dtypes[type_name]

@@ -234,7 +234,8 @@ def next_version(model_dir: str | Path) -> int:
 def target_of(config: mc.ModelConfig) -> Target | None:
     if config.backend == "python":
         return "cpu"
-    return {"onnxruntime_onnx": "onnx", "tensorrt_plan": "trt"}.get(config.platform)  # type: ignore[return-value]
+    platforms: dict[str, Target] = {"onnxruntime_onnx": "onnx", "tensorrt_plan": "trt"}
+    return platforms.get(config.platform)
 
 
 def version_artifacts(target: Target) -> tuple[str, ...]:

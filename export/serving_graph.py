@@ -11,6 +11,7 @@ batch dimension is dynamic.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -106,23 +107,28 @@ class ServingGraph(nn.Module):
         self.eval()  # BatchNorm must use running statistics; the graph is never trained
 
     @property
+    def _group_list(self) -> list[GraphGroup]:
+        """`groups` as a typed list (a ModuleList's items type as plain `nn.Module`)."""
+        return [cast(GraphGroup, group) for group in self.groups]
+
+    @property
     def backbone(self) -> FMHCTViT:
         """The first group's backbone (the only one of a one-group graph)."""
-        return self.groups[0].backbone
+        return self._group_list[0].backbone
 
     @property
     def heads(self) -> nn.ModuleList:
         """The first group's heads (all heads of a one-group graph)."""
-        return self.groups[0].heads
+        return self._group_list[0].heads
 
     @property
     def task_names(self) -> list[str]:
-        return [task for group in self.groups for task in group.task_names]
+        return [task for group in self._group_list for task in group.task_names]
 
     @property
     def output_widths(self) -> dict[str, int]:
         """Output name -> feature width, in output order."""
-        return {name: width for group in self.groups for name, width in group.output_widths.items()}
+        return {name: width for group in self._group_list for name, width in group.output_widths.items()}
 
     @property
     def output_names(self) -> tuple[str, ...]:

@@ -146,6 +146,7 @@ class TritonPythonModel:
             if problem is not None:
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=_error(problem))
                 continue
+            assert image is not None  # _validate refuses a missing input
             images.append(image)
             owners.append(index)
             wanted[index] = self._requested(request)

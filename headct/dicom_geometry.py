@@ -111,7 +111,7 @@ class StackGeometry:
         return self.tilt_deg > 0.0
 
 
-def orientation_axes(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def orientation_axes(iop: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row cosine, column cosine and slice normal (LPS) of an ImageOrientationPatient value."""
     values = np.asarray(iop, dtype=np.float64)
     if values.shape != (6,) or not np.all(np.isfinite(values)):
@@ -165,7 +165,7 @@ def tolerance_mm(step_mm: float) -> float:
 
 def stack_geometry(
     positions: Sequence[Sequence[float]],
-    iop: Sequence[float],
+    iop: Sequence[float] | np.ndarray,
     pixel_spacing: Sequence[float],
 ) -> StackGeometry:
     """Sort the slices, check they form one regular grid, and build the RAS affine.
@@ -284,7 +284,7 @@ def _raise_irregular(steps: np.ndarray, distance: np.ndarray, tol: float) -> Non
     )
 
 
-def is_axial(iop: Sequence[float]) -> bool:
+def is_axial(iop: Sequence[float] | np.ndarray) -> bool:
     """True when the slice normal is closest to the patient's superior-inferior axis."""
     _, _, normal = orientation_axes(iop)
     return int(np.argmax(np.abs(normal))) == 2

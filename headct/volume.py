@@ -59,22 +59,26 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape ``(X, Y, Z)`` in voxels."""
-        return tuple(int(n) for n in self.hu.shape)  # type: ignore[return-value]
+        x, y, z = self.hu.shape
+        return int(x), int(y), int(z)
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
         """Voxel size along each array axis, in mm (column norms of the affine's 3x3 part)."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        x, y, z = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(x), float(y), float(z)
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
         """Nearest patient direction of each array axis, e.g. ``("R", "A", "S")`` or ``("L", "P", "S")``."""
-        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+        x, y, z = nib.aff2axcodes(self.affine)
+        return x, y, z
 
     @property
     def extent_mm(self) -> tuple[float, float, float]:
         """Physical size along each array axis (voxel count x spacing), in mm."""
-        return tuple(n * s for n, s in zip(self.shape, self.spacing_mm, strict=True))  # type: ignore[return-value]
+        (nx, ny, nz), (sx, sy, sz) = self.shape, self.spacing_mm
+        return nx * sx, ny * sy, nz * sz
 
     def is_on_grid(
         self, spacing_mm: float | Sequence[float] = 1.0, *, axcodes: str = "RAS", atol: float = 1e-3

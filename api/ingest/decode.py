@@ -9,16 +9,15 @@ refused as ``too_few_slices``). Runs in a worker thread or process: plain data i
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-from api import validation
-from api.ingest import dicom
+from api.ingest import dicom, validation
 from api.ingest.errors import unreadable
 from api.ingest.members import MemberSource, MultipartSource, SingleFile, ZipSource
 from api.ingest.nifti import decode_nifti
 from api.ingest.nrrd import decode_nrrd
-from api.ingest.scan import DEFAULT_LIMITS, DecodedScan, DicomInfo, IngestLimits
+from api.ingest.scan import DEFAULT_LIMITS, AcquisitionText, DecodedScan, DicomInfo, IngestLimits
 from api.ingest.selection import group_series, select_series
 from api.ingest.sniff import (
     ACCEPTED_DESCRIPTION,
@@ -29,7 +28,7 @@ from api.ingest.sniff import (
     read_head,
     sniff_bytes,
 )
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 
 
 def decode_dicom(
@@ -53,25 +52,19 @@ def decode_dicom(
         )
     series = chosen.headers
     first = series[0]
+    acquisition = {f.name: getattr(first, f.name) for f in fields(AcquisitionText)}
     info = DicomInfo(
+        **acquisition,
         series_uid=chosen.series_uid,
         sop_class_uid=first.sop_class_uid,
         modality=first.modality,
         transfer_syntax_uid=first.transfer_syntax,
-        image_type=first.image_type,
-        body_part=first.body_part,
-        study_description=first.study_description,
-        series_description=first.series_description,
-        protocol_name=first.protocol_name,
-        kernel=first.kernel,
-        contrast_agent=first.contrast_agent,
-        kvp=first.kvp,
         slice_thickness_mm=first.slice_thickness,
         instances=len({h.sop_instance_uid for h in series}),
         slices=len(series),
         multiframe=first.frame is not None,
-        lossy=any(h.lossy for h in series),
     )
+    info = replace(info, lossy=any(h.lossy for h in series))
     # cheapest and most fundamental first: what the series is, then its geometry, then its pixels
     warnings.extend(validation.check_dicom_header(info))
     geometry = dicom.series_geometry(series)
@@ -113,8 +106,7 @@ def _decode_single(
         raise unreadable("NIfTI", "a NIfTI header pair (.hdr/.img) cannot be sent as one file; send a .nii")
     else:
         raise ProblemError(
-            400,
-            "unreadable_file",
+            ProblemCode.UNREADABLE_FILE,
             "the body is not a recognised scan (no NIfTI, NRRD, zip or DICOM signature found)",
             expected=ACCEPTED_DESCRIPTION,
         )
@@ -131,8 +123,7 @@ def _decode_multipart(
     boundary = content_type_parameter(content_type, "boundary")
     if not boundary:
         raise ProblemError(
-            400,
-            "unreadable_file",
+            ProblemCode.UNREADABLE_FILE,
             "a multipart body needs a boundary parameter in its Content-Type",
             field="content-type",
             expected='multipart/form-data; boundary="..."',
@@ -144,8 +135,7 @@ def _decode_multipart(
         scans = [(i, kind) for i, kind in enumerate(kinds) if kind is not None]
         if len(scans) != 1:
             raise ProblemError(
-                400,
-                "unreadable_file",
+                ProblemCode.UNREADABLE_FILE,
                 "a multipart body must carry DICOM instances, or exactly one NIfTI / NRRD / zip file"
                 f" (found {len(scans)} scan files)",
                 expected=ACCEPTED_DESCRIPTION,
@@ -166,7 +156,7 @@ def decode_upload(
     Raises:
         ProblemError: 400 ``unreadable_file``, 413 ``payload_too_large``, 415
             ``unsupported_media_type`` / ``unsupported_transfer_syntax``, 422 for scans that are
-            readable but not acceptable (codes in `api.validation`, `api.ingest.selection`,
+            readable but not acceptable (codes in `api.ingest.validation`, `api.ingest.selection`,
             `headct.dicom_geometry`).
     """
     media_type = media_type_of(content_type)
@@ -178,8 +168,7 @@ def decode_upload(
             )
         if media_type.startswith("multipart/") or media_type not in SINGLE_FILE_MEDIA_TYPES:
             raise ProblemError(
-                415,
-                "unsupported_media_type",
+                ProblemCode.UNSUPPORTED_MEDIA_TYPE,
                 f"content type {media_type!r} is not accepted",
                 observed=media_type,
                 expected=ACCEPTED_DESCRIPTION,

@@ -29,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, overload
 
 import numpy as np
 import pydicom
@@ -48,9 +48,9 @@ from pydicom.uid import (
 
 from api.ingest.errors import too_large, unreadable
 from api.ingest.members import MemberSource
-from api.ingest.scan import IngestLimits, ScanWarning
+from api.ingest.scan import AcquisitionText, IngestLimits, ScanWarning
 from api.ingest.sniff import looks_like_dicom
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 from headct.dicom_geometry import GeometryError, StackGeometry, check_same_orientation, stack_geometry
 from headct.volume import Volume
 
@@ -128,8 +128,8 @@ _REDACTED: Final = "[redacted]"
 PIXEL_SPACING_TOL_MM: Final = 1e-3
 
 
-@dataclass(frozen=True)
-class InstanceHeader:
+@dataclass(frozen=True, kw_only=True)
+class InstanceHeader(AcquisitionText):
     """One image plane (a single-frame instance, or one frame of a multi-frame one). Plain data."""
 
     member: int
@@ -151,15 +151,7 @@ class InstanceHeader:
     slope: float
     intercept: float
     number_of_frames: int
-    body_part: str = ""
-    study_description: str = ""
-    series_description: str = ""
-    protocol_name: str = ""
-    kernel: str = ""
-    contrast_agent: str = ""
-    kvp: float | None = None
     slice_thickness: float | None = None
-    lossy: bool = False
 
     @property
     def is_image(self) -> bool:
@@ -187,7 +179,14 @@ def _float(value: Any, default: float | None = None) -> float | None:
     return result if np.isfinite(result) else default
 
 
+@overload
+def _floats(value: Any, count: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _floats(value: Any, count: Literal[3]) -> tuple[float, float, float] | None: ...
+@overload
+def _floats(value: Any, count: int) -> tuple[float, ...] | None: ...
 def _floats(value: Any, count: int) -> tuple[float, ...] | None:
+    """The `count` numbers of a multi-valued element, or None (missing, unreadable or another count)."""
     try:
         values = tuple(float(v) for v in value)
     except (TypeError, ValueError):
@@ -269,9 +268,9 @@ def _headers_of(ds: Dataset, member: int, identifiers: set[str]) -> list[Instanc
         rows=_int(ds.get("Rows")),
         columns=_int(ds.get("Columns")),
         samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
         iop=_floats(ds.get("ImageOrientationPatient"), 6),
-        ipp=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        ipp=_floats(ds.get("ImagePositionPatient"), 3),
         slope=_float(ds.get("RescaleSlope"), 1.0) or 1.0,
         intercept=_float(ds.get("RescaleIntercept"), 0.0) or 0.0,
         number_of_frames=_int(ds.get("NumberOfFrames")) or 1,
@@ -300,10 +299,10 @@ def _headers_of(ds: Dataset, member: int, identifiers: set[str]) -> list[Instanc
             replace(
                 base,
                 frame=index,
-                pixel_spacing=_floats(measures.get("PixelSpacing"), 2) if measures else None,  # type: ignore[arg-type]
+                pixel_spacing=_floats(measures.get("PixelSpacing"), 2) if measures else None,
                 slice_thickness=_float(measures.get("SliceThickness")) if measures else None,
                 iop=_floats(orientation.get("ImageOrientationPatient"), 6) if orientation else None,
-                ipp=_floats(position.get("ImagePositionPatient"), 3) if position else None,  # type: ignore[arg-type]
+                ipp=_floats(position.get("ImagePositionPatient"), 3) if position else None,
                 slope=(_float(rescale.get("RescaleSlope"), 1.0) or 1.0) if rescale else base.slope,
                 intercept=(_float(rescale.get("RescaleIntercept"), 0.0) or 0.0)
                 if rescale
@@ -375,8 +374,7 @@ def check_transfer_syntax(uid: str) -> None:
         available = decoder.is_available
     if not available:
         raise ProblemError(
-            415,
-            "unsupported_transfer_syntax",
+            ProblemCode.UNSUPPORTED_TRANSFER_SYNTAX,
             f"pixel data in transfer syntax {UID(uid).name} cannot be decoded here",
             field="TransferSyntaxUID",
             observed=uid,
@@ -386,15 +384,19 @@ def check_transfer_syntax(uid: str) -> None:
 
 
 def _problem(error: GeometryError) -> ProblemError:
+    # headct's geometry codes are catalogue members (tests/unit/test_problem_codes.py checks).
     return ProblemError(
-        422, error.code, error.detail, field=error.field, observed=error.observed, expected=error.expected
+        ProblemCode.from_code(error.code),
+        error.detail,
+        field=error.field,
+        observed=error.observed,
+        expected=error.expected,
     )
 
 
 def _mixed(detail: str, field: str, observed: Any) -> ProblemError:
     return ProblemError(
-        422,
-        "mixed_series",
+        ProblemCode.MIXED_SERIES,
         detail,
         field=field,
         observed=observed,
@@ -404,8 +406,7 @@ def _mixed(detail: str, field: str, observed: Any) -> ProblemError:
 
 def _missing_geometry(field: str, count: int) -> ProblemError:
     return ProblemError(
-        422,
-        "missing_geometry",
+        ProblemCode.MISSING_GEOMETRY,
         f"{count} slice(s) lack {field}; the volume cannot be placed in patient space",
         field=field,
         observed=f"{count} slices without it",
@@ -430,7 +431,6 @@ def dedupe(headers: Iterable[InstanceHeader]) -> tuple[list[InstanceHeader], int
 
 def series_geometry(headers: list[InstanceHeader]) -> StackGeometry:
     """Consistency and geometry checks of one series' planes (no pixel data read)."""
-    first = headers[0]
     sizes = sorted({(h.rows, h.columns) for h in headers}, key=str)
     if len(sizes) > 1:
         raise _mixed(
@@ -442,15 +442,18 @@ def series_geometry(headers: list[InstanceHeader]) -> StackGeometry:
     ):
         if len(values) > 1:
             raise _mixed(f"the series mixes instances with different {field}", field, f"{len(values)} values")
-    for field, attribute in (
-        ("ImageOrientationPatient", "iop"),
-        ("ImagePositionPatient", "ipp"),
-        ("PixelSpacing", "pixel_spacing"),
+    iops = [h.iop for h in headers if h.iop is not None]
+    ipps = [h.ipp for h in headers if h.ipp is not None]
+    pixel_spacings = [h.pixel_spacing for h in headers if h.pixel_spacing is not None]
+    for field, present in (
+        ("ImageOrientationPatient", iops),
+        ("ImagePositionPatient", ipps),
+        ("PixelSpacing", pixel_spacings),
     ):
-        missing = sum(1 for h in headers if getattr(h, attribute) is None)
+        missing = len(headers) - len(present)
         if missing:
             raise _missing_geometry(field, missing)
-    spacings = np.asarray([h.pixel_spacing for h in headers], dtype=np.float64)
+    spacings = np.asarray(pixel_spacings, dtype=np.float64)
     if float(np.ptp(spacings, axis=0).max()) > PIXEL_SPACING_TOL_MM:
         raise _mixed(
             "the series mixes images with different PixelSpacing",
@@ -458,8 +461,8 @@ def series_geometry(headers: list[InstanceHeader]) -> StackGeometry:
             [[round(float(v), 4) for v in row] for row in np.unique(np.round(spacings, 4), axis=0)[:5]],
         )
     try:
-        iop = check_same_orientation([h.iop for h in headers])  # type: ignore[misc]
-        return stack_geometry([h.ipp for h in headers], iop, first.pixel_spacing)  # type: ignore[arg-type,misc]
+        iop = check_same_orientation(iops)
+        return stack_geometry(ipps, iop, pixel_spacings[0])
     except GeometryError as error:
         raise _problem(error) from error
 
@@ -514,11 +517,12 @@ def assemble(
         by_member[header.member].append(index)
     try:
         for member, indices in sorted(by_member.items()):
-            frames = (
-                None if headers[indices[0]].frame is None else sorted(indices, key=lambda i: headers[i].frame)
-            )
-            frame_numbers = None if frames is None else [int(headers[i].frame) for i in frames]  # type: ignore[arg-type]
-            targets = indices if frames is None else frames
+            # A multi-frame instance: its planes in frame order, and the frame numbers to read.
+            numbered = sorted((frame, i) for i in indices if (frame := headers[i].frame) is not None)
+            if numbered and len(numbered) != len(indices):
+                raise unreadable("DICOM", "an instance mixes framed and unframed image planes")
+            frame_numbers = [frame for frame, _ in numbered] if numbered else None
+            targets = [i for _, i in numbered] if numbered else indices
             with source.seekable(member, scratch) as handle:
                 for index, pixels in zip(targets, _read_pixels(handle, frame_numbers), strict=True):
                     if pixels.shape != (rows, columns):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 
 
 def _clean(message: str) -> str:
@@ -26,13 +26,12 @@ def _clean(message: str) -> str:
 
 def unreadable(kind: str, error: BaseException | str) -> ProblemError:
     reason = error if isinstance(error, str) else f"{type(error).__name__}: {_clean(str(error))}"
-    return ProblemError(400, "unreadable_file", f"the {kind} data could not be read ({reason})")
+    return ProblemError(ProblemCode.UNREADABLE_FILE, f"the {kind} data could not be read ({reason})")
 
 
 def not_3d(shape: Sequence[int]) -> ProblemError:
     return ProblemError(
-        422,
-        "not_3d",
+        ProblemCode.NOT_3D,
         "the scan must be a single 3-D volume",
         field="shape",
         observed=[int(s) for s in shape],
@@ -42,8 +41,7 @@ def not_3d(shape: Sequence[int]) -> ProblemError:
 
 def too_large(shape: Sequence[int], max_voxels: int) -> ProblemError:
     return ProblemError(
-        422,
-        "volume_too_large",
+        ProblemCode.VOLUME_TOO_LARGE,
         f"the decoded volume would have more than {max_voxels} voxels",
         field="shape",
         observed=[int(s) for s in shape],
@@ -53,8 +51,7 @@ def too_large(shape: Sequence[int], max_voxels: int) -> ProblemError:
 
 def payload_too_large(what: str, observed: float | str, limit: float) -> ProblemError:
     return ProblemError(
-        413,
-        "payload_too_large",
+        ProblemCode.PAYLOAD_TOO_LARGE,
         f"the upload holds too much: {what} {observed} exceeds the limit of {limit}",
         field=what,
         observed=observed,

@@ -25,13 +25,16 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, TYPE_CHECKING, Final, Self
 
 from python_multipart.multipart import MultipartParser
 
 from api.ingest.errors import payload_too_large, unreadable
 from api.ingest.scan import IngestLimits
 from api.problems import ProblemError
+
+if TYPE_CHECKING:  # python_multipart defines it for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 #: Members up to this size are read into memory (a 512 x 512 16-bit slice is 0.5 MiB).
 IN_MEMORY_MEMBER_BYTES: Final = 32 << 20
@@ -43,7 +46,7 @@ class MemberSource:
 
     kind = "container"
 
-    def __enter__(self) -> MemberSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,13 +204,13 @@ class MultipartSource(MemberSource):
             nonlocal ended
             ended = True
 
-        callbacks = {
+        callbacks: MultipartCallbacks = {
             "on_part_begin": on_part_begin,
             "on_part_data": on_part_data,
             "on_part_end": on_part_end,
             "on_end": on_end,
         }
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser = MultipartParser(boundary, callbacks)
         try:
             with path.open("rb") as body:
                 while chunk := body.read(_CHUNK):

@@ -19,7 +19,7 @@ from nibabel.fileholders import FileHolder
 
 from api.ingest.errors import not_3d, too_large, unreadable
 from api.ingest.scan import DecodedScan, IngestLimits, ScanWarning
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 from headct.volume import Volume
 
 
@@ -80,8 +80,7 @@ def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan
         # Without an sform the voxel size comes from pixdim, which nibabel silently "repairs" (0 -> 1,
         # negative -> abs): a wrong voxel size or a flipped axis. Refuse instead of guessing.
         raise ProblemError(
-            422,
-            "bad_spacing",
+            ProblemCode.BAD_SPACING,
             "the NIfTI header's voxel sizes (pixdim) are not positive finite numbers",
             field="pixdim",
             observed=[p if np.isfinite(p) else str(p) for p in raw_pixdim],
@@ -99,8 +98,7 @@ def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan
         volume = Volume(hu=data, affine=affine)
     except ValueError as error:  # singular or non-finite affine: no usable geometry
         raise ProblemError(
-            422,
-            "bad_spacing",
+            ProblemCode.BAD_SPACING,
             f"the file's voxel geometry is unusable: {error}",
             field="affine",
             observed=[round(z, 4) for z in zooms],

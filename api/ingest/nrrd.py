@@ -19,7 +19,7 @@ import numpy as np
 from api.ingest.errors import not_3d, too_large, unreadable
 from api.ingest.nifti import squeeze_to_3d
 from api.ingest.scan import DecodedScan, IngestLimits
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 from headct.volume import Volume
 
 #: NRRD space -> sign flips taking its x, y, z to RAS.
@@ -46,8 +46,7 @@ MAX_HEADER_BYTES: Final = 64 << 10
 
 def _missing_geometry(detail: str, observed: object = None) -> ProblemError:
     return ProblemError(
-        422,
-        "missing_geometry",
+        ProblemCode.MISSING_GEOMETRY,
         detail,
         field="space",
         observed=observed,
@@ -105,8 +104,7 @@ def decode_nrrd(path: Path, limits: IngestLimits) -> DecodedScan:
         volume = Volume(hu=hu, affine=affine)
     except ValueError as error:
         raise ProblemError(
-            422,
-            "bad_spacing",
+            ProblemCode.BAD_SPACING,
             f"the NRRD voxel geometry is unusable: {error}",
             field="space directions",
             observed=[[round(float(v), 4) for v in row] for row in spatial_directions],

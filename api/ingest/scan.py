@@ -38,18 +38,15 @@ class IngestLimits:
 DEFAULT_LIMITS: Final = IngestLimits()
 
 
-@dataclass(frozen=True)
-class DicomInfo:
-    """Series-level facts read from DICOM headers, for validation and for the response.
+@dataclass(frozen=True, kw_only=True)
+class AcquisitionText:
+    """What the DICOM headers say about the acquisition (the validation rules read it): the same fields
+    on each plane's header (`api.ingest.dicom.InstanceHeader`) and on the chosen series (`DicomInfo`).
 
     Holds no patient identifier: the reader never copies PatientName, PatientID, birth date or
     accession number here, and free-text descriptions are redacted if they contain one.
     """
 
-    series_uid: str
-    sop_class_uid: str
-    modality: str
-    transfer_syntax_uid: str
     image_type: tuple[str, ...] = ()
     body_part: str = ""
     study_description: str = ""
@@ -58,12 +55,22 @@ class DicomInfo:
     kernel: str = ""
     contrast_agent: str = ""
     kvp: float | None = None
+    lossy: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DicomInfo(AcquisitionText):
+    """Series-level facts read from DICOM headers, for validation and for the response."""
+
+    series_uid: str
+    sop_class_uid: str
+    modality: str
+    transfer_syntax_uid: str
     slice_thickness_mm: float | None = None
     instances: int = 0
     slices: int = 0
     multiframe: bool = False
     tilt_deg: float = 0.0
-    lossy: bool = False
 
 
 @dataclass(frozen=True)

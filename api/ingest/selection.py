@@ -6,7 +6,7 @@ dropped (some scanners file the scout with the axials). Then each series is eith
 
 * excluded: not an image; Modality not CT; SOP class not CT / Enhanced CT / Legacy Enhanced CT;
   ImageType LOCALIZER / SECONDARY / a derived reconstruction (MIP, MPR, REFORMATTED, PROJECTION,
-  ...); colour; fewer than `api.validation.MIN_SLICES` planes;
+  ...); colour; fewer than `api.ingest.validation.MIN_SLICES` planes;
 * ranked, best first, by: ImageType ORIGINAL; axial (slice normal closest to head-foot);
   convolution kernel soft tissue > unknown > sharp/bone (`kernel_class`); more slices (thinner).
 
@@ -26,10 +26,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Final
 
-from api import validation
+from api.ingest import validation
 from api.ingest.dicom import InstanceHeader, dedupe
 from api.ingest.scan import ScanWarning
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 from headct.dicom_geometry import GeometryError, is_axial
 
 #: ImageType values that mark a series that is not an original axial acquisition.
@@ -89,7 +89,7 @@ class Candidate:
     series_uid: str
     headers: list[InstanceHeader]
     excluded: str | None = None
-    code: str | None = None  # the refusal code if this series were the only / the requested one
+    code: ProblemCode | None = None  # the refusal code if this series were the only / the requested one
     score: tuple[int, ...] = ()
 
     @property
@@ -140,19 +140,19 @@ def _judge(candidate: Candidate) -> None:
     first = candidate.first
     image_types = set(first.image_type)
     if not first.is_image:
-        candidate.excluded, candidate.code = "no image data", "not_ct"
+        candidate.excluded, candidate.code = "no image data", ProblemCode.NOT_CT
     elif first.modality != "CT":
-        candidate.excluded, candidate.code = f"modality {first.modality or '(none)'}", "not_ct"
+        candidate.excluded, candidate.code = f"modality {first.modality or '(none)'}", ProblemCode.NOT_CT
     elif first.sop_class_uid not in validation.CT_SOP_CLASSES:
-        candidate.excluded, candidate.code = "not a CT image object", "not_ct"
+        candidate.excluded, candidate.code = "not a CT image object", ProblemCode.NOT_CT
     elif image_types & EXCLUDED_IMAGE_TYPES:
         kinds = ", ".join(sorted(image_types & EXCLUDED_IMAGE_TYPES))
-        candidate.excluded, candidate.code = f"ImageType {kinds}", "unsuitable_series"
+        candidate.excluded, candidate.code = f"ImageType {kinds}", ProblemCode.UNSUITABLE_SERIES
     elif first.samples_per_pixel != 1:
-        candidate.excluded, candidate.code = "colour images", "unsuitable_series"
+        candidate.excluded, candidate.code = "colour images", ProblemCode.UNSUITABLE_SERIES
     elif len(candidate.headers) < validation.MIN_SLICES:
         candidate.excluded = f"{len(candidate.headers)} slice(s), fewer than {validation.MIN_SLICES}"
-        candidate.code = "too_few_slices"
+        candidate.code = ProblemCode.TOO_FEW_SLICES
     if candidate.excluded:
         return
     try:
@@ -168,20 +168,18 @@ def _judge(candidate: Candidate) -> None:
 
 
 def _refuse(candidate: Candidate, many: bool) -> ProblemError:
-    code = candidate.code or "unsuitable_series"
+    code = candidate.code or ProblemCode.UNSUITABLE_SERIES
     first = candidate.first
-    if code == "too_few_slices":
+    if code is ProblemCode.TOO_FEW_SLICES:
         return ProblemError(
-            422,
             code,
             "a head CT volume needs many slices; this series has too few",
             field="slices",
             observed=len(candidate.headers),
             expected=f">= {validation.MIN_SLICES} slices",
         )
-    if code == "not_ct":
+    if code is ProblemCode.NOT_CT:
         return ProblemError(
-            422,
             code,
             f"the series is not a CT image series ({candidate.excluded})",
             field="Modality",
@@ -189,8 +187,7 @@ def _refuse(candidate: Candidate, many: bool) -> ProblemError:
             expected="Modality CT with CT image objects",
         )
     return ProblemError(
-        422,
-        "unsuitable_series",
+        ProblemCode.UNSUITABLE_SERIES,
         f"the series cannot be read as an axial head CT volume ({candidate.excluded})"
         if not many
         else "no series in the upload is an original CT image stack",
@@ -207,8 +204,7 @@ def select_series(candidates: list[Candidate], series_uid: str | None) -> tuple[
         chosen = next((c for c in candidates if c.series_uid == wanted), None)
         if chosen is None:
             raise ProblemError(
-                422,
-                "series_not_found",
+                ProblemCode.SERIES_NOT_FOUND,
                 "the requested series_uid is not in the upload",
                 field="series_uid",
                 observed=wanted,
@@ -221,11 +217,10 @@ def select_series(candidates: list[Candidate], series_uid: str | None) -> tuple[
     if not eligible:
         if len(candidates) == 1:
             raise _refuse(candidates[0], many=False)
-        if all(c.code == "not_ct" for c in candidates):
+        if all(c.code is ProblemCode.NOT_CT for c in candidates):
             modalities = sorted({c.first.modality or "(none)" for c in candidates})
             raise ProblemError(
-                422,
-                "not_ct",
+                ProblemCode.NOT_CT,
                 "the upload holds no CT image series",
                 field="Modality",
                 observed=modalities,
@@ -238,8 +233,7 @@ def select_series(candidates: list[Candidate], series_uid: str | None) -> tuple[
     if len(eligible) > 1 and eligible[1].score == best.score:
         tied = [c for c in eligible if c.score == best.score]
         raise ProblemError(
-            422,
-            "ambiguous_series",
+            ProblemCode.AMBIGUOUS_SERIES,
             f"{len(tied)} series are equally suitable; choose one with ?series_uid=",
             field="series_uid",
             observed=[c.summary() for c in tied][:20],

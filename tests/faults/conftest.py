@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from benchmarks.memory import process_tree
-from headct.triton_local import LocalTriton, TritonPorts
+from headct.local.triton import LocalTriton, TritonPorts
 from tests.faults.slow_model import SLEEPY_MODEL_NAME, SLOW_MODEL_NAME, write_fault_repository
 from tests.stack import (
     MODEL_NAME,

@@ -25,9 +25,9 @@ import httpx
 import numpy as np
 import pytest
 
-from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
-from export.demo.dicom_writer import multipart_body, to_bytes
-from export.demo.synthetic_head import make_head, to_nifti
+from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from demo.dicom_writer import multipart_body, to_bytes
+from demo.synthetic_head import make_head, to_nifti
 from tests.faults.conftest import SLEEPY_MODEL_SLEEP_S, TritonHandle, gateway_on
 from tests.faults.slow_model import SLEEPY_MODEL_NAME
 from tests.hostile.corpus import series, valid_nifti, zip_of
@@ -194,7 +194,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
         next(gateways, None)
 
 
-# ---- a preprocessing worker dies (api/workers.py) -----------------------------------------
+# ---- a preprocessing worker dies (api/inference/workers.py) -----------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
-from headct.triton_local import LocalTriton
+from headct.local.triton import LocalTriton
 from tests.hostile.corpus import valid_nifti
 from tests.stack import LocalGateway, process_tree_rss_kib, running_gateway
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from headct.triton_local import LocalTriton
+from headct.local.triton import LocalTriton
 from tests.stack import LocalGateway, running_gateway
 
 #: Hang guard for one request: generous (a slow shared CI machine), but a hang fails the test.

@@ -6,7 +6,7 @@ because entry names are never used as paths). Bodies are built lazily and writte
 disk (`Case.build`), so the large ones (a 512 MiB zip bomb entry, 20 000 zip entries) never sit in
 memory whole and cost nothing until a test asks for them.
 
-All DICOM data comes from `export.demo.dicom_writer` (synthetic, obviously fake identifiers); all
+All DICOM data comes from `demo.dicom_writer` (synthetic, obviously fake identifiers); all
 NIfTI headers are patched at their documented byte offsets (NIfTI-1: pixdim at 76, qform_code at
 252, sform_code at 254, srow_x/y/z at 280/296/312), because nibabel "repairs" headers it writes.
 """
@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
-from export.demo.dicom_writer import SYNTHETIC_PATIENT, ct_series, multipart_body, phantom_head, to_bytes
+from demo.dicom_writer import SYNTHETIC_PATIENT, ct_series, multipart_body, phantom_head, to_bytes
 from headct.volume import Volume
 
 #: A small head that passes every validation rule (216 x 216 x 120 mm field of view).

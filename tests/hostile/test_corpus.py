@@ -12,8 +12,9 @@ import grpc
 import httpx
 import pytest
 
-from api.grpc_problems import grpc_status
-from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from api.grpc.problems import grpc_status
+from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from api.problem_codes import ProblemCode
 from tests.hostile.conftest import REQUEST_TIMEOUT_S
 from tests.hostile.corpus import Case, cases, valid_nifti
 from tests.stack import LocalGateway, process_tree_rss_kib
@@ -86,7 +87,7 @@ def test_hostile_upload_over_grpc(case: Case, hostile_gateway: LocalGateway, cor
         with pytest.raises(grpc.RpcError) as raised:
             stub.Predict(request, timeout=REQUEST_TIMEOUT_S)
     error = raised.value
-    assert error.code() == grpc_status(case.status), (case.name, error.code(), error.details())
+    assert error.code() == grpc_status(ProblemCode(case.code)), (case.name, error.code(), error.details())
     trailers = dict(error.trailing_metadata() or ())
     assert trailers.get("headct-problem-code") == case.code, (case.name, trailers)
     problem = json.loads(trailers["headct-problem-bin"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from api.ingest import decode_upload
+from api.ingest.validation import validate
 from api.problems import ProblemError
-from api.validation import validate
 from tests.hostile.corpus import Case, cases
 
 #: Answered before decoding (spooling, query validation), so not a reader's business.

@@ -21,9 +21,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
-from export.demo.dicom_writer import multipart_body, to_bytes
-from headct.triton_local import LocalTriton
+from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from demo.dicom_writer import multipart_body, to_bytes
+from headct.local.triton import LocalTriton
 from tests.hostile.conftest import REQUEST_TIMEOUT_S
 from tests.hostile.corpus import TRAVERSAL_NAMES, cases, sentinel_series, zip_of
 from tests.stack import LocalGateway

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from headct.triton_local import LocalTriton
+from headct.local.triton import LocalTriton
 from tests.stack import CHECKPOINTS, MODEL_NAME, REPOSITORY, ROOT, LocalGateway, free_port, running_gateway
 
 __all__ = ["CHECKPOINTS", "MODEL_NAME", "REPOSITORY", "ROOT", "free_port"]

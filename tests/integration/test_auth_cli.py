@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from api.auth import key_id
-from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
-from export.demo.dicom_writer import ct_series, reorient, write_series
-from export.demo.synthetic_head import make_head
-from headct.triton_local import LocalTriton
+from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from demo.dicom_writer import ct_series, reorient, write_series
+from demo.synthetic_head import make_head
+from headct.local.triton import LocalTriton
 from headct.volume import Volume
 from tests.stack import LocalGateway, running_gateway
 

@@ -13,7 +13,7 @@ import nrrd
 import numpy as np
 import pytest
 
-from export.demo.dicom_writer import (
+from demo.dicom_writer import (
     SYNTHETIC_PATIENT,
     ct_series,
     enhanced_ct,
@@ -24,7 +24,7 @@ from export.demo.dicom_writer import (
     to_bytes,
     zip_bytes,
 )
-from export.demo.synthetic_head import make_head
+from demo.synthetic_head import make_head
 from headct.volume import Volume
 
 pytestmark = pytest.mark.integration
@@ -152,7 +152,7 @@ def test_table_without_head_gets_no_findings(client: httpx.Client) -> None:
     assert "findings" not in found
 
 
-# ---- need the gateway to pass decode warnings and ?series_uid= through (api/prediction.py) ----------
+# ---- need the gateway to pass decode warnings and ?series_uid= through (api/inference/service.py) ----------
 
 
 def test_gantry_tilt_is_corrected_with_a_warning(client: httpx.Client) -> None:

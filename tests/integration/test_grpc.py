@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
-from export.demo.synthetic_head import make_head, to_nifti
+from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from demo.synthetic_head import make_head, to_nifti
 
 pytestmark = pytest.mark.integration
 

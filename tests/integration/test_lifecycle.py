@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from benchmarks.memory import process_tree
-from export.demo.synthetic_head import make_head, to_nifti
-from headct.triton_local import LocalTriton
+from demo.synthetic_head import make_head, to_nifti
+from headct.local.triton import LocalTriton
 from tests.stack import LocalGateway, start_gateway
 
 pytestmark = pytest.mark.integration

@@ -22,11 +22,11 @@ from google.protobuf import text_format
 from onnx import helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.demo.synthetic_head import make_head, to_nifti
+from demo.synthetic_head import make_head, to_nifti
 from headct import contract
 from headct.files import atomic_write_text
+from headct.local.triton import LocalTriton, TritonPorts, prepare_triton_home
 from headct.model_card import MODEL_CARD_FILENAME, MODEL_CARD_PARAMETER, ModelCard
-from headct.triton_local import LocalTriton, TritonPorts, prepare_triton_home
 from tests.stack import MODEL_NAME, REPOSITORY, ROOT, LocalGateway, running_gateway
 
 pytestmark = pytest.mark.integration

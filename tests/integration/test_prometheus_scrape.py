@@ -24,8 +24,8 @@ import httpx
 import numpy as np
 import pytest
 
-from export.demo.synthetic_head import make_head, to_nifti
-from headct.triton_local import LocalTriton, free_port
+from demo.synthetic_head import make_head, to_nifti
+from headct.local.triton import LocalTriton, free_port
 from helm.check import CHART, RULES_VALUE_SET, ensure_helm, render, render_rules, value_sets
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""`make serve`'s launcher (`python -m headct.serve`): Triton, then the production gateway, both ready;
+"""`make serve`'s launcher (`python -m headct.local.serve`): Triton, then the production gateway, both ready;
 SIGTERM (a supervisor, or Ctrl-C) stops the gateway first, then Triton, and leaves nothing running."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from headct.local_gateway import LocalGateway
+from headct.local.gateway import LocalGateway
 from tests.stack import MODEL_NAME, REPOSITORY, ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def test_serve_starts_triton_and_the_gateway_and_stops_both(tmp_path: Path) -> N
     ports = {name: free_port() for name in names}
     log = tmp_path / "serve.log"
     command = [
-        sys.executable, "-m", "headct.serve",
+        sys.executable, "-m", "headct.local.serve",
         "--repository", str(REPOSITORY), "--model-name", MODEL_NAME, "--host", "127.0.0.1",
         "--port", str(ports["port"]), "--grpc-port", str(ports["grpc-port"]),
         "--triton-http-port", str(ports["triton-http"]), "--triton-grpc-port", str(ports["triton-grpc"]),

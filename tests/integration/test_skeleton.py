@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from demo.synthetic_head import make_head, to_nifti
 from export.checkpoint import load_backbone, load_head
-from export.demo.synthetic_head import make_head, to_nifti
 from export.serving_graph import ServingGraph
 from headct.model_card import MODEL_CARD_FILENAME, ModelCard
 from headct.preprocess import preprocess

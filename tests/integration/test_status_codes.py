@@ -26,7 +26,7 @@ import grpc
 import httpx
 import pytest
 
-from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
 from tests.hostile.corpus import series, valid_nifti, zip_of
 
 pytestmark = pytest.mark.integration

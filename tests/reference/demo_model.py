@@ -1,7 +1,7 @@
 """The exported synthetic demo model, run with ONNX Runtime on the CPU: findings for fidelity checks.
 
-Loads ``model_repository/<model>/1/model.onnx`` (built by ``make demo``), the graph Triton serves for
-the ``cpu`` target, so a probability difference measured here is one a client would see.
+Loads the newest ``model_repository/fmhct/<version>/model.onnx`` (built by ``make demo``), the graph
+Triton serves for the ``cpu`` target, so a probability difference measured here is one a client would see.
 """
 
 from __future__ import annotations
@@ -12,7 +12,16 @@ from typing import Final
 import numpy as np
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
-DEFAULT_ONNX: Final = REPO_ROOT / "model_repository" / "fmhct" / "1" / "model.onnx"
+MODEL_DIR: Final = REPO_ROOT / "model_repository" / "fmhct"
+
+
+def _served_onnx() -> Path:
+    """The newest version's ONNX: what Triton serves (its version policy is `latest 1`)."""
+    versions = sorted(int(p.name) for p in MODEL_DIR.glob("[1-9]*") if p.name.isdigit())
+    return MODEL_DIR / str(versions[-1] if versions else 1) / "model.onnx"
+
+
+DEFAULT_ONNX: Final = _served_onnx()
 
 
 class DemoModel:

@@ -1,6 +1,6 @@
 """Synthetic full heads on clinical acquisition grids, for preprocessing fidelity tests and benchmarks.
 
-SYNTHETIC TEST DATA - NOT FOR CLINICAL USE. The head comes from `export.demo.synthetic_head` (brain CT
+SYNTHETIC TEST DATA - NOT FOR CLINICAL USE. The head comes from `demo.synthetic_head` (brain CT
 template + CSF, skull, scalp, neck, a table and head holder below, air around) on its 1 mm RAS grid;
 `acquire` samples it (trilinear) on another grid -- voxel size, slab, axis order -- the way a scanner
 reconstruction with that geometry would see the same head, without regenerating the anatomy at

@@ -1,7 +1,7 @@
 """The FM-HCT training preprocessing as MONAI transforms: the reference for `headct.preprocess`.
 
-This is the cached loading pipeline of the authors' code (fm-hct-model.md §2.1), written with stock
-MONAI 1.3.2 dictionary transforms::
+This is the cached loading pipeline of the authors' code (NYUMedML/headCT_foundation
+src/data/transforms.py), written with stock MONAI 1.3.2 dictionary transforms::
 
     [LoadImaged -> EnsureChannelFirstd] -> Orientationd("RAS") -> Spacingd(1 mm, mode=3)
     -> CropForegroundd(value > 0, margin 0) -> 3 x ScaleIntensityRanged(window, clip) -> concat

@@ -7,15 +7,16 @@ import asyncio
 import hmac
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
 from api import auth
-from api.auth import ANONYMOUS, Keyring, KeySlots, PredictSlotDep, bearer_token, key_id, parse_keys
-from api.dependencies import get_model
+from api.auth import ANONYMOUS, Keyring, KeySlots, bearer_token, key_id, parse_keys, predict_slot
+from api.http.dependencies import get_model
 from api.main import create_app
 from api.problems import ProblemError, install_problem_handlers
 from api.settings import Settings
@@ -176,16 +177,19 @@ def test_key_slots_limit_each_key_separately() -> None:
 
 
 def test_per_key_concurrency_over_http() -> None:
-    """Two requests with the same key, the first held open: the second gets the 429 problem; the
+    """Two requests with the same key, the first held open: the second gets the 429 problem with the
+    busy Retry-After (`busy_retry_after_s`, like 429 gateway_busy; not the 503 `retry_after_s`); the
     slot is free again once the first has finished."""
-    settings = Settings(api_keys=f"{KEY},{OTHER}", per_key_concurrency=1, retry_after_s=3)
+    settings = Settings(
+        api_keys=f"{KEY},{OTHER}", per_key_concurrency=1, retry_after_s=9, busy_retry_after_s=2
+    )
     app = FastAPI()
     app.state.settings = settings
     install_problem_handlers(app)
     entered, release = asyncio.Event(), asyncio.Event()
 
     @app.post("/slow")
-    async def slow(identity: PredictSlotDep) -> dict[str, str]:
+    async def slow(identity: Annotated[str, Depends(predict_slot)]) -> dict[str, str]:
         entered.set()
         await release.wait()
         return {"key": identity}
@@ -198,7 +202,7 @@ def test_per_key_concurrency_over_http() -> None:
             second = await http.post("/slow", headers={"X-API-Key": KEY})
             assert second.status_code == 429, second.text
             assert second.json()["code"] == "key_concurrency_exceeded"
-            assert second.headers["retry-after"] == "3"
+            assert second.headers["retry-after"] == "2"
             release.set()
             assert (await first).json() == {"key": key_id(KEY)}
             again = await http.post("/slow", headers={"X-API-Key": KEY})

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from api.batching import MicroBatcher
-from api.prediction import outputs_for, result_from
+from api.inference.batching import MicroBatcher
+from api.inference.service import outputs_for, result_from
 from export import cli, repository
 from export.checkpoint import load_backbone_checkpoint, save_finetuned
 from export.heads import AttentiveHead, LinearHead
@@ -301,8 +301,8 @@ def test_a_one_group_graph_keeps_the_plain_contract_names() -> None:
 def test_an_answer_from_another_model_version_is_refused_not_mislabelled(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import api.prediction
-    from api.batching import BatchAnswer
+    import api.inference.service
+    from api.inference.batching import BatchAnswer
     from api.problems import ProblemError
     from tests.unit.test_inference_path import FakeModel, fake_prepare, service_for
 
@@ -319,7 +319,7 @@ def test_an_answer_from_another_model_version_is_refused_not_mislabelled(
         def invalidate_card(self, reason: str) -> None:
             self.invalidated.append(reason)
 
-    monkeypatch.setattr(api.prediction, "_prepare", fake_prepare)
+    monkeypatch.setattr(api.inference.service, "_prepare", fake_prepare)
     model = UpdatedMidway()
     service = service_for(model)
 

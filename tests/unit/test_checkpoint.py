@@ -1,4 +1,5 @@
-"""Strict loading of every official checkpoint layout (fm-hct-model.md §3), with random full-size weights."""
+"""Strict loading of every official checkpoint layout (official save_checkpoint/load_model), with
+random full-size weights."""
 
 from __future__ import annotations
 

@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from headct import cli
-from headct.client import HeadCTClient, HeadCTProblem, media_type_for
+from headct.client import HeadCTClient, HeadCTProblem, cli, media_type_for
 
 KEY = "k-client-test-key"
 
@@ -178,6 +177,9 @@ def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_client_imports_neither_torch_nor_the_gateway() -> None:
-    probe = "import sys, headct.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'api'}))"
+    probe = (
+        "import sys, headct.client.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'api'}))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""export.demo.train: metrics helpers, case planning, and a seconds-long training smoke run whose files
+"""demo.train: metrics helpers, case planning, and a seconds-long training smoke run whose files
 load with the strict official-layout loaders."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.demo import train as T
+from demo import train as T
 from headct.model_card import SYNTHETIC_DEMO_NOTICE
 
 # ---- AUC ----------------------------------------------------------------------------------------
@@ -64,12 +64,14 @@ def test_plan_is_balanced_deterministic_and_disjoint() -> None:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from export.demo import atlas as A
+    from demo import atlas as A
 
     try:
         A.ensure_atlas()
     except A.AtlasError as exc:
-        pytest.skip(f"brain CT atlas unavailable: {exc}")
+        pytest.fail(
+            f"brain CT atlas unavailable ({exc}): `python -m demo.atlas` (run by `make test`) gets it"
+        )
     out = tmp_path_factory.mktemp("demo")
     cfg = T.DemoConfig(
         data=T.DataConfig(seed=3, n_train=4, n_test=4, anisotropic_fraction=0.0, lps_fraction=0.5),

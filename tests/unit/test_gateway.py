@@ -14,13 +14,13 @@ import pytest
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
-from api.dependencies import get_model, get_prediction_service
+from api.http.dependencies import get_model, get_prediction_service
+from api.inference.service import PredictionService
+from api.inference.triton import TritonModel
 from api.ingest import sniff_format
 from api.main import create_app
-from api.prediction import PredictionService
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 from api.settings import Settings
-from api.triton import TritonModel
 from headct.model_card import ModelCard
 from tests.cards import make_card
 
@@ -53,7 +53,7 @@ class FakeModel:
         return {name: rows[name] for name in outputs or rows}
 
     def unavailable(self, detail: str) -> ProblemError:
-        return ProblemError(503, "model_unavailable", detail, headers={"Retry-After": "5"})
+        return ProblemError(ProblemCode.MODEL_UNAVAILABLE, detail, headers={"Retry-After": "5"})
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The gRPC interceptors (api/grpc_interceptors.py) on an in-process server with a stand-in servicer:
+"""The gRPC interceptors (api/grpc/interceptors.py) on an in-process server with a stand-in servicer:
 UNAUTHENTICATED with the problem code in the trailing metadata, both metadata forms accepted, the
 per-key limit, health left open, one access line per call."""
 
@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from api.auth import key_id
-from api.grpc_interceptors import interceptors
-from api.grpc_server import SERVICE_NAME
-from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from api.grpc.interceptors import interceptors
+from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+from api.grpc.server import SERVICE_NAME
 from api.settings import Settings
 
 KEY = "k-grpc-unit-key-0001"

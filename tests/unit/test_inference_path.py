@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import threadpoolctl
 
-import api.prediction
+import api.inference.service
 from api import metrics
-from api.admission import Admission
-from api.batching import MicroBatcher
+from api.inference.admission import Admission
+from api.inference.batching import MicroBatcher
+from api.inference.service import PredictionService, _prepare
+from api.inference.workers import PreprocessPool
 from api.lifecycle import Lifecycle
-from api.prediction import PredictionService, _prepare
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 from api.settings import Settings
-from api.workers import PreprocessPool
 from tests.unit.test_gateway import FakeModel, _head_nifti
 
 
@@ -113,7 +113,7 @@ async def _prepared(batcher: MicroBatcher, value: float, prepare_s: float, fail:
     with batcher.expecting():
         await asyncio.sleep(prepare_s)
         if fail:
-            raise ProblemError(422, "no_foreground", "nothing but air")
+            raise ProblemError(ProblemCode.NO_FOREGROUND, "nothing but air")
         answer = batcher.enqueue(image(value), later(10))
     return await answer
 
@@ -177,7 +177,7 @@ def test_batching_off_sends_each_scan_alone() -> None:
 
 
 def test_a_failed_call_fails_every_member_with_its_problem() -> None:
-    infer = Recorder(error=ProblemError(503, "model_unavailable", "down", headers={"Retry-After": "5"}))
+    infer = Recorder(error=ProblemError(ProblemCode.MODEL_UNAVAILABLE, "down", headers={"Retry-After": "5"}))
 
     async def main() -> list[Any]:
         batcher = MicroBatcher(infer, max_size=8, max_delay_s=0.05)
@@ -384,7 +384,7 @@ def service_for(model: FakeModel, **settings: Any) -> PredictionService:
 
 
 def test_the_request_deadline_covers_inference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(api.prediction, "_prepare", fake_prepare)
+    monkeypatch.setattr(api.inference.service, "_prepare", fake_prepare)
     model = SlowModel(delay_s=1.0)
     service = service_for(model, request_timeout_s=0.3)
 
@@ -403,7 +403,7 @@ def test_the_request_deadline_covers_inference(monkeypatch: pytest.MonkeyPatch, 
 def test_a_request_that_times_out_in_the_queue_never_reaches_triton(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(api.prediction, "_prepare", fake_prepare)
+    monkeypatch.setattr(api.inference.service, "_prepare", fake_prepare)
     model = SlowModel(delay_s=0.0)
     service = service_for(model, request_timeout_s=0.3, max_inflight=1, max_queue=4)
 
@@ -439,8 +439,7 @@ def test_the_batch_size_never_exceeds_the_models_max_batch_size() -> None:
 
 def test_problem_error_survives_pickling() -> None:
     error = ProblemError(
-        422,
-        "not_3d",
+        ProblemCode.NOT_3D,
         "a 2-D image",
         field="shape",
         observed=[1, 2],
@@ -562,7 +561,7 @@ def test_the_service_observes_worker_timings_in_the_gateway_process(nifti_path: 
     model = FakeModel()
     service = service_for(model, preprocess_workers=1)
 
-    async def main() -> api.prediction.Prediction:
+    async def main() -> api.inference.service.Prediction:
         await service.start()
         try:
             return await service.predict(nifti_path, "application/octet-stream")
@@ -583,8 +582,8 @@ def test_the_service_observes_worker_timings_in_the_gateway_process(nifti_path: 
 
 
 def test_grpc_predict_gets_the_same_admission_answers() -> None:
-    from api.grpc_server import GrpcGateway
-    from api.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+    from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
+    from api.grpc.server import GrpcGateway
     from tests.stack import free_port
 
     settings = Settings(grpc_port=free_port(), preprocess_workers=0, max_inflight=1, max_queue=0)

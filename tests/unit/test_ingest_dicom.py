@@ -19,9 +19,9 @@ from pydicom.dataset import Dataset
 
 from api.ingest import DecodedScan, IngestLimits, decode_upload
 from api.ingest.selection import group_series, select_series
+from api.ingest.validation import validate
 from api.problems import ProblemError
-from api.validation import validate
-from export.demo.dicom_writer import (
+from demo.dicom_writer import (
     available_transfer_syntaxes,
     ct_series,
     enhanced_ct,

@@ -13,7 +13,7 @@ import pytest
 
 from api.ingest import DecodedScan, decode_upload, sniff_format
 from api.problems import ProblemError
-from export.demo.dicom_writer import ct_series, multipart_body, phantom_head, reorient, zip_bytes
+from demo.dicom_writer import ct_series, multipart_body, phantom_head, reorient, zip_bytes
 from headct.preprocess import preprocess, reorient_to_ras
 from headct.volume import Volume
 

@@ -12,7 +12,7 @@ import pytest
 from api.ingest import IngestLimits, decode_upload
 from api.problems import ProblemError
 from api.settings import Settings, ingest_limits
-from export.demo.dicom_writer import ct_series, phantom_head, to_bytes
+from demo.dicom_writer import ct_series, phantom_head, to_bytes
 
 
 def test_settings_become_ingest_limits(monkeypatch: pytest.MonkeyPatch) -> None:

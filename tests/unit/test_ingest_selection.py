@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from api.ingest import DecodedScan, decode_upload
 from api.ingest.selection import kernel_class
 from api.problems import ProblemError
-from export.demo.dicom_writer import ct_series, phantom_head, zip_bytes
+from demo.dicom_writer import ct_series, phantom_head, zip_bytes
 from headct.volume import Volume
 
 SOFT = {"ConvolutionKernel": "H30s", "SeriesDescription": "HEAD 5mm brain"}

@@ -1,30 +1,28 @@
-"""Structured logs (api/logging_config.py; api/access_log.py, called by api/request_context.py): one
+"""Structured logs (api/logging_config.py; api/access_log.py, called by api/http/request_context.py): one
 JSON access line per request with the request id, key hash and stage timings, and never a patient
 identifier, a UID, the key or file contents, also not through an exception's traceback."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from api.auth import key_id
-from api.dependencies import get_model, get_prediction_service
+from api.http.dependencies import get_model, get_prediction_service
+from api.inference.service import InferenceResult, Prediction, PredictionService
 from api.ingest import decode_upload
 from api.logging_config import JsonFormatter, TextFormatter, configure_logging, safe_exception
 from api.main import create_app
-from api.prediction import InferenceResult, Prediction
 from api.settings import Settings
-from export.demo.dicom_writer import ct_series, phantom_head, zip_bytes
+from demo.dicom_writer import ct_series, phantom_head, zip_bytes
 from tests.unit.test_auth import FakeModel, _card
 
 KEY = "k-logging-test-key-0123456789"
@@ -67,14 +65,14 @@ def test_tracebacks_withhold_exception_messages() -> None:
             assert sentinel not in text
 
 
-class DecodingService:
-    """Decodes the upload for real (the DICOM reader sees the sentinels) and fakes the inference."""
+class DecodingService(PredictionService):
+    """The real request handling (spooling, options, answer) that decodes the upload for real (the DICOM
+    reader sees the sentinels) and fakes the inference."""
 
     def __init__(self) -> None:
-        self.model = FakeModel()
-        self.admission = SimpleNamespace(enter=contextlib.nullcontext)
+        super().__init__(FakeModel(), Settings(grpc_enabled=False, preprocess_workers=0))  # type: ignore[arg-type]
 
-    async def predict(
+    async def predict(  # type: ignore[override]
         self, upload: Path, content_type: str, *, series_uid: str | None = None, **options: object
     ) -> Prediction:
         scan = decode_upload(upload, content_type, series_uid=series_uid)

@@ -1,4 +1,5 @@
-"""FM-HCT backbone, heads and serving graph vs fm-hct-model.md §1 (tiny configs; full size on meta only)."""
+"""FM-HCT backbone, heads and serving graph vs the official architecture (tiny configs; full size on
+meta only)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _random_bn_stats(module: nn.Module, seed: int = 2) -> None:
 
 
 def _expected_released_shapes() -> dict[str, tuple[int, ...]]:
-    """fm-hct-model.md §1.2, written out independently of the model code."""
+    """The released backbone's state_dict layout, written out independently of the model code."""
     shapes: dict[str, tuple[int, ...]] = {
         "cls_token": (1, 1, 768),
         "patch_embedding.position_embeddings": (1, 512, 768),

@@ -18,13 +18,13 @@ import pytest
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
-from api.dependencies import get_model, get_prediction_service
-from api.grpc_problems import grpc_status
+from api.grpc.problems import grpc_status
+from api.http.dependencies import get_model, get_prediction_service
+from api.inference.service import PredictionService
+from api.inference.triton import TritonModel
 from api.main import create_app
-from api.prediction import PredictionService
-from api.problems import ProblemError
+from api.problems import ProblemCode, ProblemError
 from api.settings import Settings
-from api.triton import TritonModel
 from headct import contract
 from headct.model_card import MODEL_CARD_PARAMETER, BackboneGroup, InputContract, ModelCard, TaskCard
 
@@ -139,7 +139,7 @@ class FakeTritonClient:
 
 
 def model_with(client: FakeTritonClient, model_version: str = "") -> TritonModel:
-    with mock.patch("api.triton.grpcclient.InferenceServerClient", lambda **kwargs: client):
+    with mock.patch("api.inference.triton.grpcclient.InferenceServerClient", lambda **kwargs: client):
         return TritonModel("127.0.0.1:1", "fmhct", model_version, timeout_s=1.0, retry_after_s=7)
 
 
@@ -337,7 +337,12 @@ def test_a_refusal_is_read_again_once_the_repository_is_fixed() -> None:
 
 
 def test_contract_codes_are_unavailable_over_grpc() -> None:
-    assert grpc_status(503) == grpc.StatusCode.UNAVAILABLE
+    for problem in (
+        ProblemCode.MODEL_CONTRACT_MISMATCH,
+        ProblemCode.MODEL_CARD_INVALID,
+        ProblemCode.MODEL_CARD_STALE,
+    ):
+        assert grpc_status(problem) == grpc.StatusCode.UNAVAILABLE
 
 
 # --- over HTTP ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from headct import preprocess as P
+from headct.preprocess import fused
 from headct.volume import Volume
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -387,12 +388,13 @@ def test_region_fallback_when_foreground_reaches_the_region_edge() -> None:
     # recompute the whole grid and still give the same crop.
     v = _phantom((0.9, 0.9, 2.0), fov_mm=240.0)
     ref, ref_info = P.preprocess_with_info(v)
-    saved = P.CROP_MARGIN_SOURCE_VOXELS
+    # patched where `preprocess_with_info` reads it (the package only re-exports it)
+    saved = fused.CROP_MARGIN_SOURCE_VOXELS
     try:
-        P.CROP_MARGIN_SOURCE_VOXELS = -3.0  # region deliberately too small
+        fused.CROP_MARGIN_SOURCE_VOXELS = -3.0  # region deliberately too small
         got, info = P.preprocess_with_info(v)
     finally:
-        P.CROP_MARGIN_SOURCE_VOXELS = saved
+        fused.CROP_MARGIN_SOURCE_VOXELS = saved
     assert info.computed_shape == info.resampled_shape  # fell back to the full grid
     assert (info.crop_start, info.crop_end) == (ref_info.crop_start, ref_info.crop_end)
     _assert_fp16_rounding_only(got, ref)
@@ -427,7 +429,7 @@ def test_preprocess_errors_have_codes() -> None:
 def test_preprocess_on_1mm_grid_skips_resample() -> None:
     _, info = P.preprocess_with_info(_phantom((1.0, 1.0, 1.0)))
     assert not info.resampled
-    assert set(info.timings_s) == {"reorient", "resample", "crop", "window", "resize"}
+    assert set(info.timings_s) == {"plan", "resample_crop", "window_resize"}
 
 
 # ---- optional: the real MONAI pipeline (skipped unless monai is installed) ------------------------

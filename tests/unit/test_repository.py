@@ -407,9 +407,9 @@ def test_cli_reports_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_demo_trains_when_missing_exports_with_metrics_then_skips(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from export import demo_export
+    from demo import export as demo_export
+    from demo import train
     from export.checkpoint import save_finetuned
-    from export.demo import train
     from tests.unit.test_onnx_export import TINY, tiny_graph
 
     runs: list[Path] = []

@@ -1,4 +1,4 @@
-"""export.demo.atlas + export.demo.synthetic_head: atlas integrity, tissue HU ranges, reproducibility,
+"""demo.atlas + demo.synthetic_head: atlas integrity, tissue HU ranges, reproducibility,
 finding signatures, and that the generated heads go through the production preprocessing."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from functools import cache
 import numpy as np
 import pytest
 
-from export.demo import atlas as A
-from export.demo import synthetic_head as S
+from demo import atlas as A
+from demo import synthetic_head as S
 from headct import preprocess as P
 from headct.volume import Volume
 
@@ -21,7 +21,9 @@ def _atlas_path() -> str:
     try:
         return str(A.ensure_atlas())
     except A.AtlasError as exc:  # offline and not cached yet
-        pytest.skip(f"brain CT atlas unavailable: {exc}")
+        pytest.fail(
+            f"brain CT atlas unavailable ({exc}): `python -m demo.atlas` (run by `make test`) gets it"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_atlas_is_pinned_and_verified(atlas: str) -> None:
 
 def test_atlas_cli_prints_path(atlas: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "export.demo.atlas"],
+        [sys.executable, "-m", "demo.atlas"],
         capture_output=True,
         text=True,
         check=True,
@@ -187,5 +189,5 @@ def test_to_nifti_roundtrip(atlas: str) -> None:
 
 
 def test_generator_does_not_import_torch() -> None:
-    code = "import sys, export.demo.synthetic_head, export.demo.atlas; sys.exit('torch' in sys.modules)"
+    code = "import sys, demo.synthetic_head, demo.atlas; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=A.REPO_ROOT).returncode == 0

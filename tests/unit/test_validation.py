@@ -1,4 +1,4 @@
-"""`api.validation`: each volume rule and each DICOM header rule, with a case that passes and one
+"""`api.ingest.validation`: each volume rule and each DICOM header rule, with a case that passes and one
 that fails."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from api.ingest import DecodedScan, DicomInfo
-from api.problems import ProblemError
-from api.validation import (
+from api.ingest.validation import (
     MIN_COVERAGE_MM,
     MIN_SLICES,
     check_dicom_header,
     head_volume_ml,
     validate,
 )
-from export.demo.dicom_writer import phantom_head
+from api.problems import ProblemError
+from demo.dicom_writer import phantom_head
 from headct.volume import Volume
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

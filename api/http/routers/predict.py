@@ -1,0 +1,82 @@
+"""`POST /v1/predict`: one head CT scan in, findings out."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from api.http.dependencies import PredictionServiceDep, SettingsDep
+from api.inference.service import ScanRequest
+from api.inference.uploads import declared_length
+from api.problems import problem_responses
+from api.schemas import PredictResponse
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+
+
+_BINARY_BODY = {"schema": {"type": "string", "format": "binary"}}
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "One head CT scan, recognised by its bytes: a zip of a DICOM series (or study), one DICOM "
+            "instance per part of a multipart body, one multi-frame DICOM object, NIfTI (.nii, .nii.gz) "
+            "or NRRD."
+        ),
+        "content": {
+            "application/zip": _BINARY_BODY,
+            "application/dicom": _BINARY_BODY,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "multipart/related": _BINARY_BODY,
+            "application/octet-stream": _BINARY_BODY,
+            "application/gzip": _BINARY_BODY,
+            "application/x-nrrd": _BINARY_BODY,
+        },
+    }
+}
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+@router.post(
+    "/predict",
+    summary="Findings for one head CT scan",
+    openapi_extra=_OPENAPI_BODY,
+    # Every code a prediction can answer with, per status, from the catalogue (api/problem_codes.py).
+    responses=problem_responses(400, 413, 415, 422, 429, 500, 502, 503, 504),
+)
+async def predict(
+    request: Request,
+    service: PredictionServiceDep,
+    settings: SettingsDep,
+    tasks: Annotated[str | None, Query(description="comma-separated subset of findings")] = None,
+    include: Annotated[str | None, Query(description="comma-separated extras: `embedding`")] = None,
+    series_uid: Annotated[
+        str | None,
+        Query(max_length=64, description="SeriesInstanceUID to read when the upload holds several series"),
+    ] = None,
+) -> PredictResponse:
+    handled = await service.handle(
+        ScanRequest(
+            chunks=request.stream(),
+            content_type=request.headers.get("content-type", ""),
+            request_id=request.state.request_id,
+            started_at=request.state.started_at,
+            tasks=_split(tasks),
+            include=_split(include),
+            series_uid=series_uid,
+            declared_length=declared_length(request),
+        )
+    )
+    request.state.timings_ms = handled.timings_ms  # for the access log line
+    return handled.response

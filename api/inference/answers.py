@@ -1,0 +1,88 @@
+"""Assembling a prediction answer — shared by the REST and gRPC front ends so both say the same thing."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from api import metrics
+from api.problems import ProblemCode, ProblemError
+from api.schemas import Finding, InputSummary, ModelRef, PredictResponse, Timings, Warning
+from headct.model_card import ModelCard
+
+if TYPE_CHECKING:
+    from api.inference.service import Prediction
+
+INCLUDABLE = frozenset({"embedding"})
+
+
+def check_includes(extras: list[str]) -> None:
+    if bad := [extra for extra in extras if extra not in INCLUDABLE]:
+        raise ProblemError(
+            ProblemCode.INVALID_INCLUDE,
+            f"cannot include {', '.join(bad)}",
+            field="include",
+            observed=bad,
+            expected=sorted(INCLUDABLE),
+        )
+
+
+def select_tasks(card: ModelCard, requested: list[str]) -> list[str]:
+    """The requested findings (checked against the card); all of them, in card order, when none are named."""
+    names = card.task_names
+    unknown = [name for name in requested if name not in names]
+    if unknown:
+        raise ProblemError(
+            ProblemCode.UNKNOWN_TASK,
+            f"unknown task(s): {', '.join(unknown)}",
+            field="tasks",
+            observed=unknown,
+            expected=names,
+        )
+    return list(dict.fromkeys(requested)) if requested else list(names)
+
+
+def build_predict_response(
+    prediction: Prediction,
+    *,
+    selected: list[str],
+    include_embedding: bool,
+    request_id: str,
+    started_at: float,
+) -> PredictResponse:
+    card = prediction.card
+    tasks = {task.name: task for task in card.tasks}
+    findings = []
+    for name in selected:
+        task = tasks[name]
+        probability = prediction.result.probabilities[name]
+        metrics.FINDING_PROBABILITY.labels(finding=task.name).observe(probability)
+        findings.append(
+            Finding(
+                name=task.name,
+                probability=probability,
+                threshold=task.threshold,
+                positive=probability >= task.threshold,
+            )
+        )
+    scan = prediction.scan
+    timings = dict(prediction.timings_ms)
+    timings["total"] = round((time.perf_counter() - started_at) * 1000.0, 3)
+    return PredictResponse(
+        request_id=request_id,
+        model=ModelRef(name=card.name, version=card.model_version, sha256=card.checkpoint_sha256),
+        findings=findings,
+        embedding=(
+            prediction.result.embedding.tolist()
+            if include_embedding and prediction.result.embedding is not None
+            else None
+        ),
+        input=InputSummary(
+            shape=list(scan.file_shape),
+            spacing_mm=[round(s, 4) for s in scan.file_spacing_mm],
+            source_format=scan.source_format,
+        ),
+        warnings=[Warning(code=code, detail=detail) for code, detail in prediction.warnings],
+        timings_ms=Timings.model_validate(timings),
+        notice=card.notice if card.synthetic_demo else None,
+    )

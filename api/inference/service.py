@@ -1,0 +1,286 @@
+"""One prediction from an uploaded file: admission → decode → validate → preprocess (process pool) →
+micro-batched Triton call, all under one deadline.
+
+Stages and their timings (``timings_ms`` and ``headct_stage_duration_seconds``):
+
+- ``queue``: waiting for an in-flight slot (api/inference/admission.py);
+- ``decode``, ``validate``, ``preprocess``: measured inside the worker process (api/inference/workers.py) and
+  observed here, in the gateway process, so the metrics are those the gateway exports;
+- ``infer``: waiting for the batch and the Triton call (api/inference/batching.py).
+
+Only the Triton outputs the answer needs are asked for (`outputs_for`): the probabilities of the backbone
+groups that hold the requested tasks, and the embedding group's embedding when it is included.
+
+The deadline (`request_timeout_s`) starts once the upload is spooled; at it the caller gets 504
+``deadline_exceeded``, and what is left of it is the Triton call's gRPC timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from api import metrics
+from api.inference.admission import Admission
+from api.inference.answers import build_predict_response, check_includes, select_tasks
+from api.inference.batching import BatchAnswer, MicroBatcher, deadline_exceeded
+from api.inference.uploads import check_declared_length, spool_chunks
+from api.inference.workers import PreprocessPool
+from api.ingest import DecodedScan, decode_upload
+from api.ingest.scan import IngestLimits
+from api.ingest.validation import validate
+from api.problems import ProblemCode, ProblemError
+from api.schemas import PredictResponse
+from api.settings import Settings, ingest_limits
+from headct.preprocess import PreprocessingError, preprocess
+from headct.volume import Volume
+
+if TYPE_CHECKING:
+    from api.inference.backend import InferenceBackend
+    from headct.model_card import ModelCard
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    probabilities: dict[str, float]  # task name -> probability, for the tasks that were run
+    embedding: np.ndarray | None  # float32 [D] of the card's embedding group, when asked for
+
+
+def outputs_for(card: ModelCard, tasks: Sequence[str], include_embedding: bool) -> list[str]:
+    """Triton outputs that answer `tasks` (all when empty) and, if asked, the embedding."""
+    groups = card.groups_for(list(tasks) or card.task_names)
+    names = [group.probabilities_output for group in groups if group.probabilities_output]
+    if include_embedding:
+        names.append(card.group(card.embedding_group).embedding_output)
+    return list(dict.fromkeys(names))
+
+
+def result_from(card: ModelCard, rows: Mapping[str, np.ndarray]) -> InferenceResult:
+    """One scan's output rows ({output name: [width]}) as task probabilities and the embedding."""
+    probabilities: dict[str, float] = {}
+    for group in card.groups:
+        output = group.probabilities_output
+        if output is not None and output in rows:
+            values = rows[output]
+            probabilities.update((task, float(values[i])) for i, task in enumerate(group.tasks))
+    embedding = rows.get(card.group(card.embedding_group).embedding_output)
+    return InferenceResult(probabilities=probabilities, embedding=embedding)
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """One prediction as a transport hands it over: the scan's bytes as they arrive, and its options
+    parsed but not yet checked (`PredictionService.handle` checks them against the model card)."""
+
+    chunks: AsyncIterable[bytes]
+    content_type: str
+    request_id: str
+    started_at: float  # time.perf_counter() when the request arrived
+    tasks: list[str] = field(default_factory=list)
+    include: list[str] = field(default_factory=list)
+    series_uid: str | None = None
+    declared_length: int | None = None  # Content-Length, when the transport knows it
+    spool_prefix: str = "headct-upload-"
+
+
+@dataclass(frozen=True)
+class HandledRequest:
+    response: PredictResponse
+    timings_ms: dict[str, float]  # per stage, for the access log
+
+
+@dataclass
+class Prediction:
+    card: ModelCard
+    scan: DecodedScan  # its `volume` is a placeholder: the voxels stayed in the worker
+    result: InferenceResult
+    warnings: list[tuple[str, str]]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _without_voxels(scan: DecodedScan) -> DecodedScan:
+    """The scan's metadata for the response, without the (up to 1 GiB) volume: cheap to send back."""
+    return dataclasses.replace(
+        scan, volume=Volume(hu=np.zeros((1, 1, 1), np.float32), affine=np.asarray(scan.volume.affine))
+    )
+
+
+def _prepare(
+    upload: str, content_type: str, series_uid: str | None, limits: IngestLimits | None = None
+) -> tuple[DecodedScan, np.ndarray, list[tuple[str, str]], dict[str, float]]:
+    """Runs in a preprocessing worker: the upload's path → (scan metadata, fp16 tensor, warnings,
+    seconds per stage). Raises ProblemError (pickled back to the gateway)."""
+    seconds: dict[str, float] = {}
+    last = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        seconds[stage] = now - last
+        last = now
+
+    if limits is None:
+        scan = decode_upload(Path(upload), content_type, series_uid=series_uid)
+    else:
+        scan = decode_upload(Path(upload), content_type, series_uid=series_uid, limits=limits)
+    lap("decode")
+    warnings = validate(scan)
+    lap("validate")
+    try:
+        image = preprocess(scan.volume)
+    except PreprocessingError as error:
+        raise ProblemError(ProblemCode.from_code(error.code), str(error)) from None
+    lap("preprocess")
+    return _without_voxels(scan), np.ascontiguousarray(image, dtype=np.float16), warnings, seconds
+
+
+class PredictionService:
+    """Owns the preprocessing pool, admission, the micro-batcher and the deadline of each prediction."""
+
+    def __init__(self, model: InferenceBackend, settings: Settings) -> None:
+        self.model = model
+        self.settings = settings
+        self.limits = ingest_limits(settings)
+        self.admission = Admission(
+            settings.max_inflight,
+            settings.max_queue,
+            busy_retry_after_s=settings.busy_retry_after_s,
+            shutdown_retry_after_s=settings.retry_after_s,
+        )
+        self.pool = PreprocessPool(
+            settings.preprocess_workers,
+            retry_after_s=settings.retry_after_s,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+        )
+        self.batcher = MicroBatcher(
+            self._infer_batch,
+            max_size=settings.batch_max_size,
+            max_delay_s=settings.batch_max_delay_ms / 1000.0,
+            enabled=settings.batching_enabled,
+        )
+        self._batch_limit_checked = False
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        await asyncio.to_thread(self.pool.shutdown)
+
+    async def _infer_batch(
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str]
+    ) -> BatchAnswer | Mapping[str, np.ndarray]:
+        return await self.model.infer_batch(batch, timeout_s, outputs)
+
+    def _limit_batch_size(self, card: ModelCard) -> None:
+        """Never send Triton more scans at once than the model accepts (its config's max_batch_size)."""
+        if not self._batch_limit_checked:
+            self._batch_limit_checked = True
+            limit = getattr(self.model, "max_batch_size", None) or card.max_batch_size
+            if limit and limit < self.batcher.max_size:
+                self.batcher.max_size = limit
+
+    async def handle(self, request: ScanRequest) -> HandledRequest:
+        """The whole of one prediction for any transport: options checked against the model card,
+        admission, the upload spooled to disk (and removed), `predict`, and the answer built. Raises
+        ProblemError; REST and gRPC only translate requests in and answers or problems out."""
+        check_includes(request.include)
+        card = await self.model.card()
+        selected = select_tasks(card, request.tasks)
+        include_embedding = "embedding" in request.include
+        # Admission first (429 gateway_busy / 503 shutting_down): an overloaded gateway refuses before
+        # reading the body.
+        with self.admission.enter():
+            if request.declared_length is not None:
+                check_declared_length(request.declared_length, limit=self.settings.max_upload_bytes)
+            upload = await spool_chunks(
+                request.chunks,
+                limit=self.settings.max_upload_bytes,
+                directory=self.settings.spool_dir,
+                prefix=request.spool_prefix,
+            )
+            try:
+                prediction = await self.predict(
+                    upload,
+                    request.content_type,
+                    series_uid=request.series_uid,
+                    tasks=selected,
+                    include_embedding=include_embedding,
+                )
+            finally:
+                upload.unlink(missing_ok=True)
+        response = build_predict_response(
+            prediction,
+            selected=selected,
+            include_embedding=include_embedding,
+            request_id=request.request_id,
+            started_at=request.started_at,
+        )
+        return HandledRequest(response=response, timings_ms=prediction.timings_ms)
+
+    async def predict(
+        self,
+        upload: Path,
+        content_type: str,
+        *,
+        series_uid: str | None = None,
+        tasks: Sequence[str] = (),
+        include_embedding: bool = False,
+    ) -> Prediction:
+        """One scan's prediction for `tasks` (all the card's tasks when empty)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        if not await self.model.is_ready():
+            raise self.model.unavailable("the model is not ready yet")
+        card = await self.model.card()
+        if missing := [task for task in tasks if task not in card.task_names]:
+            # Only when the model was replaced between reading the request and now.
+            raise self.model.unavailable(f"the model changed; it no longer has {missing}: retry")
+        outputs = outputs_for(card, tasks, include_embedding)
+        self._limit_batch_size(card)
+        timings_ms: dict[str, float] = {}
+
+        def observe(stage: str, seconds: float) -> None:
+            timings_ms[stage] = round(seconds * 1000.0, 3)
+            metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                started = time.perf_counter()
+                async with self.admission.slot():
+                    observe("queue", time.perf_counter() - started)
+                    with self.batcher.expecting():
+                        scan, image, warnings, seconds = await self.pool.run(
+                            _prepare, str(upload), content_type, series_uid, self.limits
+                        )
+                        for stage, value in seconds.items():
+                            observe(stage, value)
+                        started = time.perf_counter()
+                        answer = self.batcher.enqueue(image, deadline, outputs)
+                    rows = await answer
+                    observe("infer", time.perf_counter() - started)
+        except TimeoutError:
+            raise deadline_exceeded(
+                f"no answer within the {self.settings.request_timeout_s:g} s request deadline"
+            ) from None
+        if rows.model_version and rows.model_version != str(card.triton_version):
+            # The model was replaced while this scan was in flight: its outputs would be labelled and
+            # thresholded by a card that does not describe them.
+            self.model.invalidate_card(
+                f"version {rows.model_version} answered a request for {card.triton_version}"
+            )
+            raise ProblemError(
+                ProblemCode.MODEL_CARD_STALE,
+                f"the model was updated to version {rows.model_version} during this request; retry",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        result = result_from(card, rows)
+        return Prediction(card=card, scan=scan, result=result, warnings=warnings, timings_ms=timings_ms)

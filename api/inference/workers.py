@@ -1,0 +1,174 @@
+"""The process pool that decodes, validates and preprocesses scans, off the event loop and off the GIL.
+
+Workers are started with the `spawn` method: forking a process that runs an asyncio loop, the gRPC
+server's threads and Triton's gRPC channel is unsafe. Each worker imports the pipeline once and then
+serves scans; what comes back is the small preprocessed tensor (fp16 3x96^3, ~5 MB) plus timings, never
+the decoded volume.
+
+A worker that dies (OOM killer, a segfault in a decoder) breaks the whole `ProcessPoolExecutor`: every
+scan it was running fails with 503 ``preprocessing_worker_lost`` (Retry-After) and the next call gets a
+fresh pool.
+
+`workers=0` runs the same function in a thread of the gateway process instead (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from threadpoolctl import threadpool_limits
+
+from api.logging_config import configure_logging
+from api.problems import ProblemCode, ProblemError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A running scan's grace at shutdown before its worker is killed, then the wait for the killed ones.
+SHUTDOWN_TIMEOUT_S = 5.0
+_REAP_AFTER_KILL_S = 2.0
+
+
+def _exit_with_parent() -> None:
+    """Ends this worker as soon as the gateway process is gone, however it went (SIGKILL, the OOM
+    killer): the pool's workers share its task queue and would otherwise wait on it forever."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="headct-parent-watch", daemon=True).start()
+
+
+def single_threaded_blas() -> None:
+    """The pipeline's BLAS (numpy's and scipy's OpenBLAS) runs single-threaded in a worker: the pool
+    is the parallelism (one worker per core). A second BLAS thread per worker made preprocessing
+    use 1.8x the CPU for no gain in wall time, and OpenBLAS threads keep spinning after each product,
+    taking the cores from Triton's inference right after a scan's preprocessing (+30 ms a scan)."""
+    # The preprocessing loads numpy and scipy, whose BLAS libraries the limit then applies to.
+    import headct.preprocess  # noqa: F401
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
+def _initialize_worker(log_level: str, log_format: str) -> None:
+    """Each worker's start: the gateway's log format (no PHI, JSON); deaf to Ctrl-C — a terminal's
+    SIGINT reaches the whole process group, but a worker's life is the pool's to end; gone with the
+    gateway; its imports done and BLAS single-threaded before the first scan."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(log_level, log_format)
+    _exit_with_parent()
+    single_threaded_blas()
+
+
+def _warm_up() -> int:
+    """Runs once in each new worker (after `_initialize_worker`), so `start()` returns once all are up."""
+    return os.getpid()
+
+
+class PreprocessPool:
+    """A replaceable process pool for the CPU-bound stages of a prediction."""
+
+    def __init__(
+        self, workers: int, *, retry_after_s: int, log_level: str = "INFO", log_format: str = "json"
+    ) -> None:
+        self.workers = workers
+        self.retry_after_s = retry_after_s
+        # Spawned workers start with bare logging: give them the gateway's formatter.
+        self._log_config = (log_level, log_format)
+        self._executor: Executor | None = None
+        self.generation = 0  # bumped each time a broken pool is replaced (tests, logs)
+
+    def _current(self) -> Executor:
+        if self._executor is None:
+            if self.workers == 0:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headct-preprocess")
+            else:
+                self._executor = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_initialize_worker,
+                    initargs=self._log_config,
+                )
+            self.generation += 1
+        return self._executor
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (empty for the thread mode)."""
+        executor = self._executor
+        processes = getattr(executor, "_processes", None) or {}
+        return [process.pid for process in processes.values() if process.pid is not None]
+
+    async def start(self) -> None:
+        """Start every worker now, so the first requests do not pay for process start-up and imports."""
+        if self.workers == 0:
+            return
+        executor = self._current()
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(executor, _warm_up) for _ in range(self.workers)))
+
+    def _replace(self, broken: Executor) -> None:
+        if self._executor is broken:
+            log.error("a preprocessing worker died; starting a new pool")
+            self._executor = None
+            broken.shutdown(wait=False, cancel_futures=True)
+
+    def _lost(self) -> ProblemError:
+        return ProblemError(
+            ProblemCode.PREPROCESSING_WORKER_LOST,
+            "the process preprocessing this scan died (out of memory?); retry later",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in a worker. Cancelling the caller cancels the job if it has not started."""
+        for attempt in (1, 2):
+            executor = self._current()
+            try:
+                future = executor.submit(function, *args)
+            except BrokenProcessPool:
+                # Broken before this job got in: nothing of it was lost, try once on a fresh pool.
+                self._replace(executor)
+                if attempt == 2:
+                    raise self._lost() from None
+                continue
+            try:
+                return await asyncio.wrap_future(future)
+            except BrokenProcessPool as error:
+                self._replace(executor)
+                raise self._lost() from error
+        raise AssertionError("unreachable")
+
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop the workers: queued jobs are cancelled, a running one gets `timeout_s` to finish, then
+        its worker is killed. Blocks up to `timeout_s` (call it off the event loop)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        # The executor's own shutdown reaps the workers; we only bound how long it may take.
+        stopping = threading.Thread(
+            target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True
+        )
+        stopping.start()
+        stopping.join(timeout_s)
+        if stopping.is_alive():
+            log.warning("preprocessing workers still busy after %.0f s; killing them", timeout_s)
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            stopping.join(_REAP_AFTER_KILL_S)
