@@ -32,7 +32,7 @@ ATLAS_MEMBER: Final = "totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz"
 ATLAS_FILENAME: Final = "ct_brain_atlas_1mm.nii.gz"
 ATLAS_SHA256: Final = "e6964149f62ae88b9973cec43ed80974368a24c922ff8b62d946e7c855eae265"
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_DOWNLOAD_DIR: Final = REPO_ROOT / "build" / "downloads"
 DEFAULT_DATA_DIR: Final = REPO_ROOT / "build" / "data"
 #: Set to a file path to use an atlas already on disk (it is still hash-checked).

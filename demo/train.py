@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 TASKS: Final = ("hemorrhage", "edema")
 CHECKPOINT_STEM: Final = "fmhct_demo"
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_OUT: Final = REPO_ROOT / "build" / "demo" / "checkpoints"
 DEFAULT_CACHE: Final = REPO_ROOT / "build" / "demo" / "cache"
 METRICS_FILENAME: Final = "metrics.json"

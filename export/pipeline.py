@@ -300,24 +300,129 @@ def _card_groups(groups: Sequence[tasks_module.BackboneGroup]) -> list[BackboneG
     ]
 
 
+class _Stopwatch:
+    """Seconds per pipeline stage, into `ExportOutcome.timings`."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = now - self.clock
+        self.clock = now
+
+
+def _write_onnx(
+    request: ExportRequest, loaded: _Loaded, work: Path, outcome: ExportOutcome, watch: _Stopwatch, log: Log
+) -> tuple[Path, OnnxExportInfo, ParityReport]:
+    """ONNX export, parity against PyTorch (raises when it fails) and the TensorRT gate's reference."""
+    from export.onnx_export import check_parity, export_onnx
+
+    onnx_path = work / repository.ONNX_FILENAME
+    info = export_onnx(
+        loaded.graph, onnx_path, opset=request.opset, max_batch_size=request.serving.max_batch_size
+    )
+    outcome.onnx = info
+    watch.lap("onnx_export")
+    log(
+        f"exported ONNX opset {info.opset}: {info.size_bytes / 1e6:.1f} MB, {info.layer_norm_nodes} "
+        f"LayerNormalization nodes, sha256 {info.sha256[:16]}... in {info.seconds:.1f} s"
+    )
+    parity = check_parity(
+        loaded.graph, onnx_path, batch_sizes=request.parity_batch_sizes, seed=request.parity_seed
+    )
+    outcome.parity = parity
+    watch.lap("parity")
+    log(parity.summary())
+    parity.raise_if_failed()
+    return onnx_path, info, parity
+
+
+def _artifacts(
+    request: ExportRequest, onnx_path: Path, work: Path, outcome: ExportOutcome, watch: _Stopwatch, log: Log
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The version directory's files: the ONNX (+ engine for trt) and the extras beside them."""
+    # Fixed inputs (random volumes + one preprocessed synthetic head) and ONNX Runtime's outputs on
+    # them: the reference every TensorRT engine built from this ONNX is gated against, here or in the
+    # serving pod (where no ONNX Runtime for Python exists).
+    reference_path = reference.write_reference(onnx_path)
+    watch.lap("reference")
+    artifacts: dict[str, Path] = {repository.ONNX_FILENAME: onnx_path}
+    extra: dict[str, Path] = {reference.REFERENCE_FILENAME: reference_path}
+    if request.target == "trt":
+        plan_path = work / repository.PLAN_FILENAME
+        outcome.engine = tensorrt_build.build_engine(
+            onnx_path,
+            plan_path,
+            tensorrt_build.EngineBuildSettings(
+                max_batch_size=request.serving.max_batch_size,
+                precision=request.precision,
+                opt_batch_size=request.opt_batch_size,
+                workspace_bytes=request.workspace_bytes,
+                timing_cache=request.timing_cache,
+            ),
+            log=log,
+        )
+        artifacts[repository.PLAN_FILENAME] = plan_path
+        extra[plan_path.name + tensorrt_build.METADATA_SUFFIX] = tensorrt_build.metadata_path(plan_path)
+        watch.lap("tensorrt_build")
+    return artifacts, extra
+
+
+def _model_card(
+    request: ExportRequest,
+    loaded: _Loaded,
+    *,
+    version: int,
+    checkpoint_sha256: str,
+    fingerprint: str,
+    info: OnnxExportInfo,
+    parity: ParityReport,
+    engine: tensorrt_build.EngineMetadata | None,
+) -> ModelCard:
+    exported_with = _versions(request.target, engine)
+    exported_with.update(
+        backbone_weights=request.weights,
+        registers=request.registers,
+        request_fingerprint=fingerprint,
+        parity_max_abs_probability_diff=f"{parity.max_abs_probability_diff:.3e}",
+        parity_max_abs_embedding_diff=f"{parity.max_abs_embedding_diff:.3e}",
+        parity_batch_sizes=",".join(str(b.batch_size) for b in parity.batches),
+    )
+    return ModelCard(
+        name=request.model_name,
+        triton_version=version,
+        model_version=request.model_version or _default_model_version(request, checkpoint_sha256),
+        synthetic_demo=request.synthetic_demo,
+        notice=SYNTHETIC_DEMO_NOTICE if request.synthetic_demo else (request.notice or DEFAULT_NOTICE),
+        checkpoint_sha256=checkpoint_sha256,
+        onnx_sha256=info.sha256,
+        preprocessing_version=contract.PREPROCESSING_VERSION,
+        input=InputContract(),
+        embedding_dim=loaded.embedding_group.backbone.config.embed_dim,
+        architecture=loaded.embedding_group.backbone.config.to_dict(),
+        tasks=loaded.task_cards,
+        groups=_card_groups(loaded.groups),
+        embedding_group=loaded.embedding_group.name,
+        unpaired_allowed=request.allow_unpaired,
+        max_batch_size=request.serving.max_batch_size,
+        exported_with=exported_with,
+    )
+
+
 def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
     """Run the whole pipeline; raise on any failure (nothing is written into the repository then)."""
     _validate(request)
     model_dir = request.repository / request.model_name
     outcome = ExportOutcome(skipped=False, model_dir=model_dir)
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        outcome.timings[stage] = now - clock
-        clock = now
+    watch = _Stopwatch(outcome.timings)
 
     backbone_sha256 = {path: _hash(path) for path in _backbone_paths(request)}
     checkpoint_sha256 = combined_checkpoint_sha256(list(backbone_sha256.values()))
     fingerprint = _settings_fingerprint(request, backbone_sha256)
     head_sha256 = [_hash(spec.head) for spec in request.tasks]
-    lap("hash")
+    watch.lap("hash")
     if not request.force:
         card = current_entry(request, checkpoint_sha256, head_sha256, fingerprint)
         if card is not None:
@@ -331,99 +436,34 @@ def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
         # Refuse before spending a minute on export: no TensorRT or no GPU -> EngineBuildRefused.
         tensorrt_build.preflight()
 
-    # torch-heavy imports only now, so that skips and refusals stay fast.
-    from export.onnx_export import check_parity, export_onnx
-
-    loaded = _load_and_group(request, log)
-    graph = loaded.graph
-    lap("load")
+    loaded = _load_and_group(request, log)  # torch-heavy imports only now: skips and refusals stay fast
+    watch.lap("load")
     log(
         f"loaded {len(loaded.groups)} backbone group(s) "
-        f"({sum(p.numel() for p in graph.parameters()):,} parameters) and {len(request.tasks)} heads"
+        f"({sum(p.numel() for p in loaded.graph.parameters()):,} parameters) and {len(request.tasks)} heads"
     )
-
     with tempfile.TemporaryDirectory(prefix="fmhct-export-", dir=request.work_dir) as work:
-        onnx_path = Path(work) / repository.ONNX_FILENAME
-        info = export_onnx(
-            graph, onnx_path, opset=request.opset, max_batch_size=request.serving.max_batch_size
-        )
-        outcome.onnx = info
-        lap("onnx_export")
-        log(
-            f"exported ONNX opset {info.opset}: {info.size_bytes / 1e6:.1f} MB, {info.layer_norm_nodes} "
-            f"LayerNormalization nodes, sha256 {info.sha256[:16]}... in {info.seconds:.1f} s"
-        )
-        parity = check_parity(
-            graph, onnx_path, batch_sizes=request.parity_batch_sizes, seed=request.parity_seed
-        )
-        outcome.parity = parity
-        lap("parity")
-        log(parity.summary())
-        parity.raise_if_failed()
-
-        # Fixed inputs (random volumes + one preprocessed synthetic head) and ONNX Runtime's outputs on
-        # them: the reference every TensorRT engine built from this ONNX is gated against, here or in the
-        # serving pod (where no ONNX Runtime for Python exists).
-        reference_path = reference.write_reference(onnx_path)
-        lap("reference")
-        artifacts: dict[str, Path] = {repository.ONNX_FILENAME: onnx_path}
-        extra: dict[str, Path] = {reference.REFERENCE_FILENAME: reference_path}
-        if request.target == "trt":
-            plan_path = Path(work) / repository.PLAN_FILENAME
-            outcome.engine = tensorrt_build.build_engine(
-                onnx_path,
-                plan_path,
-                tensorrt_build.EngineBuildSettings(
-                    max_batch_size=request.serving.max_batch_size,
-                    precision=request.precision,
-                    opt_batch_size=request.opt_batch_size,
-                    workspace_bytes=request.workspace_bytes,
-                    timing_cache=request.timing_cache,
-                ),
-                log=log,
-            )
-            artifacts = {repository.PLAN_FILENAME: plan_path, repository.ONNX_FILENAME: onnx_path}
-            extra[plan_path.name + tensorrt_build.METADATA_SUFFIX] = tensorrt_build.metadata_path(plan_path)
-            lap("tensorrt_build")
-
+        onnx_path, info, parity = _write_onnx(request, loaded, Path(work), outcome, watch, log)
+        artifacts, extra = _artifacts(request, onnx_path, Path(work), outcome, watch, log)
         version = request.version if request.version is not None else repository.next_version(model_dir)
-        exported_with = _versions(request.target, outcome.engine)
-        exported_with.update(
-            backbone_weights=request.weights,
-            registers=request.registers,
-            request_fingerprint=fingerprint,
-            parity_max_abs_probability_diff=f"{parity.max_abs_probability_diff:.3e}",
-            parity_max_abs_embedding_diff=f"{parity.max_abs_embedding_diff:.3e}",
-            parity_batch_sizes=",".join(str(b.batch_size) for b in parity.batches),
-        )
-        card = ModelCard(
-            name=request.model_name,
-            triton_version=version,
-            model_version=request.model_version or _default_model_version(request, checkpoint_sha256),
-            synthetic_demo=request.synthetic_demo,
-            notice=SYNTHETIC_DEMO_NOTICE if request.synthetic_demo else (request.notice or DEFAULT_NOTICE),
+        outcome.card = _model_card(
+            request,
+            loaded,
+            version=version,
             checkpoint_sha256=checkpoint_sha256,
-            onnx_sha256=info.sha256,
-            preprocessing_version=contract.PREPROCESSING_VERSION,
-            input=InputContract(),
-            embedding_dim=loaded.embedding_group.backbone.config.embed_dim,
-            architecture=loaded.embedding_group.backbone.config.to_dict(),
-            tasks=loaded.task_cards,
-            groups=_card_groups(loaded.groups),
-            embedding_group=loaded.embedding_group.name,
-            unpaired_allowed=request.allow_unpaired,
-            max_batch_size=request.serving.max_batch_size,
-            exported_with=exported_with,
+            fingerprint=fingerprint,
+            info=info,
+            parity=parity,
+            engine=outcome.engine,
         )
-        outcome.card = card
         outcome.entry = repository.write_model(
             request.repository,
             target=request.target,
-            card=card,
+            card=outcome.card,
             artifacts=artifacts,
             options=request.serving,
             extra_files=extra,
         )
-        lap("write_repository")
+        watch.lap("write_repository")
     log(f"wrote {outcome.entry.version_dir} ({request.target}); config {outcome.entry.config_path}")
     return outcome

@@ -26,7 +26,7 @@ from pathlib import Path
 from headct import contract
 from headct.local.triton import free_port, parent_death_signal
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

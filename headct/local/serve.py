@@ -23,7 +23,7 @@ from headct import contract
 from headct.local.gateway import LocalGateway
 from headct.local.triton import LocalTriton, TritonPorts, prepare_triton_home
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
