@@ -315,13 +315,15 @@ def load_backbone_checkpoint(
     weights: Literal["student", "teacher"] = "student",
     num_heads: int | None = None,
     registers: Registers = "keep",
+    file_sha256: str | None = None,
 ) -> LoadedBackbone:
     """Load any official backbone layout strictly, with what serving needs to know about the file.
 
     ``registers="drop"`` builds the model without the file's register tokens, as the official downstream
     configs do (``NUM_REGISTER_TOKENS: 0``, loaded with ``strict=False``): a DINO checkpoint's 4 registers
     then never enter the sequence (513 tokens, not 517). ``"keep"`` serves them. Only ``register_tokens``
-    may be dropped; every other tensor must still match exactly.
+    may be dropped; every other tensor must still match exactly. `file_sha256`: the file's hash when the
+    caller has it already (a ViT-B file is ~360 MB), else it is computed here.
     """
     if weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
@@ -359,7 +361,7 @@ def load_backbone_checkpoint(
         path=path,
         model=model,
         config=config,
-        file_sha256=sha256_file(path),
+        file_sha256=file_sha256 if file_sha256 is not None else sha256_file(path),
         weights_sha256=weights_sha256(model),
         run=_run_info(obj),
         registers=register_state,

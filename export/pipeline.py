@@ -220,14 +220,18 @@ class _Loaded:
     task_cards: list[TaskCard]
 
 
-def _load_and_group(request: ExportRequest, log: Log) -> _Loaded:
+def _load_and_group(request: ExportRequest, backbone_sha256: dict[Path, str], log: Log) -> _Loaded:
     from export.checkpoint import load_backbone_checkpoint, load_head_checkpoint
     from export.heads import AttentiveHead
     from export.serving_graph import GraphGroup, ServingGraph
 
     backbones = {
         path: load_backbone_checkpoint(
-            path, weights=request.weights, num_heads=request.num_heads, registers=request.registers
+            path,
+            weights=request.weights,
+            num_heads=request.num_heads,
+            registers=request.registers,
+            file_sha256=backbone_sha256[path],
         )
         for path in _backbone_paths(request)
     }
@@ -237,6 +241,7 @@ def _load_and_group(request: ExportRequest, log: Log) -> _Loaded:
     heads: dict[str, nn.Module] = {}
     pairings: dict[str, tasks_module.Pairing] = {}
     head_types: dict[str, str] = {}
+    head_sha256: dict[str, str] = {}
     for spec in request.tasks:
         backbone_path = spec.backbone if spec.backbone is not None else request.backbone
         if backbone_path is None:  # validation refuses this before anything is loaded
@@ -248,6 +253,7 @@ def _load_and_group(request: ExportRequest, log: Log) -> _Loaded:
             spec.name, backbone, head, allow_unpaired=request.allow_unpaired
         )
         heads[spec.name] = head.module
+        head_sha256[spec.name] = head.file_sha256
         head_types[spec.name] = "attentive" if isinstance(head.module, AttentiveHead) else "linear"
         assignments.append((spec.name, backbone))
     groups = tasks_module.group_backbones(assignments)
@@ -272,7 +278,7 @@ def _load_and_group(request: ExportRequest, log: Log) -> _Loaded:
             name=spec.name,
             threshold=spec.threshold,
             head_type=head_types[spec.name],
-            head_sha256=_hash(spec.head),
+            head_sha256=head_sha256[spec.name],
             heldout_auc=spec.heldout_auc,
             group=group_of[spec.name].name,
             pairing=pairings[spec.name].status,
@@ -436,7 +442,9 @@ def run_export(request: ExportRequest, *, log: Log = print) -> ExportOutcome:
         # Refuse before spending a minute on export: no TensorRT or no GPU -> EngineBuildRefused.
         tensorrt_build.preflight()
 
-    loaded = _load_and_group(request, log)  # torch-heavy imports only now: skips and refusals stay fast
+    loaded = _load_and_group(
+        request, backbone_sha256, log
+    )  # torch-heavy imports only now: skips and refusals stay fast
     watch.lap("load")
     log(
         f"loaded {len(loaded.groups)} backbone group(s) "

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,7 @@ __all__ = [
     "running_gateway",
     "running_triton",
     "start_gateway",
+    "start_serve",
     "start_triton",
 ]
 
@@ -94,3 +97,21 @@ def process_tree_rss_kib(pid: int) -> int:
     """VmRSS (KiB) of `pid` plus all its descendants (a preprocessing process pool included)."""
     rss_kib, _, _ = tree_memory_kib(pid, pss=False)
     return rss_kib
+
+
+def start_serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+    """`make serve`'s launcher (`python -m headct.local.serve`) on free ports, output in `tmp_path`:
+    (its process, its ports by option name, its log). Returns at once; the caller stops it."""
+    names = ("port", "grpc-port", "triton-http", "triton-grpc", "triton-metrics")
+    ports = {name: free_port() for name in names}
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable, "-m", "headct.local.serve",
+        "--repository", str(REPOSITORY), "--model-name", MODEL_NAME, "--host", "127.0.0.1",
+        "--port", str(ports["port"]), "--grpc-port", str(ports["grpc-port"]),
+        "--triton-http-port", str(ports["triton-http"]), "--triton-grpc-port", str(ports["triton-grpc"]),
+        "--triton-metrics-port", str(ports["triton-metrics"]), "--triton-log", str(tmp_path / "triton.log"),
+    ]  # fmt: skip
+    with log.open("wb") as output:
+        serve = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    return serve, ports, log

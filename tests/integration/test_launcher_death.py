@@ -10,8 +10,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 from benchmarks.memory import PROC, process_tree
 from headct.local.gateway import LocalGateway
-from tests.stack import MODEL_NAME, REPOSITORY, ROOT, free_port
+from tests.stack import start_serve
 
 pytestmark = pytest.mark.integration
 
@@ -82,18 +80,7 @@ def _cmdline(pid: int) -> str:
 
 
 def test_killing_the_launcher_stops_the_gateway_and_triton(tmp_path: Path) -> None:
-    names = ("port", "grpc-port", "triton-http", "triton-grpc", "triton-metrics")
-    ports = {name: free_port() for name in names}
-    log = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "headct.local.serve",
-        "--repository", str(REPOSITORY), "--model-name", MODEL_NAME, "--host", "127.0.0.1",
-        "--port", str(ports["port"]), "--grpc-port", str(ports["grpc-port"]),
-        "--triton-http-port", str(ports["triton-http"]), "--triton-grpc-port", str(ports["triton-grpc"]),
-        "--triton-metrics-port", str(ports["triton-metrics"]), "--triton-log", str(tmp_path / "triton.log"),
-    ]  # fmt: skip
-    with log.open("wb") as output:
-        serve = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    serve, ports, log = start_serve(tmp_path)
     descendants: list[int] = []
     try:
         LocalGateway("unused", port=ports["port"], log_path=log, process=serve).wait_ready(180)

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from headct.local.gateway import LocalGateway
-from tests.stack import MODEL_NAME, REPOSITORY, ROOT, free_port
+from tests.stack import start_serve
 
 pytestmark = pytest.mark.integration
 
@@ -25,18 +23,7 @@ def listening(port: int) -> bool:
 
 
 def test_serve_starts_triton_and_the_gateway_and_stops_both(tmp_path: Path) -> None:
-    names = ("port", "grpc-port", "triton-http", "triton-grpc", "triton-metrics")
-    ports = {name: free_port() for name in names}
-    log = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "headct.local.serve",
-        "--repository", str(REPOSITORY), "--model-name", MODEL_NAME, "--host", "127.0.0.1",
-        "--port", str(ports["port"]), "--grpc-port", str(ports["grpc-port"]),
-        "--triton-http-port", str(ports["triton-http"]), "--triton-grpc-port", str(ports["triton-grpc"]),
-        "--triton-metrics-port", str(ports["triton-metrics"]), "--triton-log", str(tmp_path / "triton.log"),
-    ]  # fmt: skip
-    with log.open("wb") as output:
-        serve = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    serve, ports, log = start_serve(tmp_path)
     try:
         # The same readiness wait the suites use, on the gateway `serve` started.
         LocalGateway("unused", port=ports["port"], log_path=log, process=serve).wait_ready(180)
