@@ -18,8 +18,14 @@ RUN python docker/gateway_requirements.py pyproject.toml > /tmp/requirements.txt
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 COPY api/ /app/api/
 COPY headct/ /app/headct/
-# Fail the build if the app does not import, or drags in torch / the Triton server.
 WORKDIR /app
+# The gRPC modules (api/grpc/proto/**/*_pb2*.py) are generated, never committed, and kept out of the build
+# context (gateway.Dockerfile.dockerignore), so a clean clone builds and a dev checkout cannot ship stale
+# ones. Generate them from the .proto with `make setup`'s command and the grpcio-tools just installed from
+# pyproject.toml's pin (its bundled protoc decides the generated code).
+RUN /opt/venv/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+        api/grpc/proto/headct/v1/headct.proto
+# Fail the build if the app does not import, or drags in torch / the Triton server.
 RUN /opt/venv/bin/python -c "import sys, api.main; bad = {'torch', 'pytriton', 'onnxruntime'} & set(sys.modules); sys.exit(f'gateway imports {bad}' if bad else 0)" \
     && /opt/venv/bin/python -m compileall -q /app /opt/venv/lib
 

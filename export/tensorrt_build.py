@@ -333,62 +333,27 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(network_creation_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    # parse_from_file resolves external-data tensors relative to the file, should the graph ever need them.
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors))
-    _check_network_input(trt, network, settings)
+    # `_parser` stays referenced until the engine is built: TensorRT's ONNX parser owns the weight memory
+    # the network refers to, so letting it be collected early would free weights under the builder.
+    network, _parser = _parse_onnx(trt, builder, logger, onnx_path, settings)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     pinned = _apply_precision(trt, network, config, settings.precision)
-
-    shapes = settings.profile_shapes()
-    profile = builder.create_optimization_profile()
-    profile.set_shape(settings.input_name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
-
-    cache_bytes = b""
-    if settings.timing_cache is not None and settings.timing_cache.is_file():
-        cache_bytes = settings.timing_cache.read_bytes()
-    # An empty buffer creates a fresh cache. A cache is only valid for the GPU, CUDA, TensorRT and flag
-    # set it was made with; ignore_mismatch=False makes TensorRT refuse a foreign one, and then we start
-    # fresh rather than build with tactics timed elsewhere.
-    timing_cache = config.create_timing_cache(cache_bytes)
-    if timing_cache is None or not config.set_timing_cache(timing_cache, ignore_mismatch=False):
-        if cache_bytes:
-            log(f"timing cache {settings.timing_cache} does not fit this GPU/TensorRT; starting a fresh one")
-        cache_bytes = b""
-        timing_cache = config.create_timing_cache(b"")
-        config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    shapes = _add_optimization_profile(builder, config, settings)
+    cache_bytes = _attach_timing_cache(config, settings.timing_cache, log)
 
     log(
         f"building TensorRT {trt.__version__} engine on {gpu.name} (sm {gpu.compute_capability}), "
         f"precision {settings.precision}, profile {shapes}, {pinned} layers pinned to FP32"
     )
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(
-            f"TensorRT returned no engine for {onnx_path} (see the builder log above; raise "
-            "--workspace-gb if it mentions memory)"
-        )
-    plan = bytes(serialized)
+    plan = _build_serialized_plan(builder, network, config, onnx_path)
     build_seconds = time.perf_counter() - started
     if settings.timing_cache is not None:
         # Tactic timings are valid whatever the gate says; keep them for the next build.
         atomic_write_bytes(settings.timing_cache, bytes(config.get_timing_cache().serialize()))
 
-    gate, parity = GATE_SKIPPED, None
-    if gate_reference is not None:
-        gate, parity = _run_gate(trt, plan, gate_reference, settings, runner or run_engine, log)
-    else:
-        log(
-            "WARNING: parity gate skipped (--no-parity-gate): this engine was never compared with "
-            "ONNX Runtime"
-        )
-
+    gate, parity = _gate_or_skip(trt, plan, gate_reference, settings, runner, log)
     metadata = EngineMetadata(
         tensorrt_version=str(trt.__version__),
         gpu_name=gpu.name,
@@ -407,18 +372,101 @@ def build_engine(
         gate=gate,
         parity=parity,
     )
-    if gate == GATE_FAILED:
+    _write_engine_files(onnx_path, plan_path, plan, metadata)
+    return metadata
+
+
+def _parse_onnx(
+    trt: ModuleType, builder: Any, logger: Any, onnx_path: Path, settings: EngineBuildSettings
+) -> tuple[Any, Any]:
+    """Parse the ONNX file into a new network and check its input; returns (network, parser).
+
+    The parser is returned so the caller can keep it alive until the build: it owns the weight memory
+    the network refers to.
+    """
+    network = builder.create_network(network_creation_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file resolves external-data tensors relative to the file, should the graph ever need them.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors))
+    _check_network_input(trt, network, settings)
+    return network, parser
+
+
+def _add_optimization_profile(
+    builder: Any, config: Any, settings: EngineBuildSettings
+) -> dict[str, list[int]]:
+    """Add the one min/opt/max batch profile of `settings` to `config`; returns its shapes (for the log)."""
+    shapes = settings.profile_shapes()
+    profile = builder.create_optimization_profile()
+    profile.set_shape(settings.input_name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    return shapes
+
+
+def _attach_timing_cache(config: Any, cache_path: Path | None, log: Callable[[str], None]) -> bytes:
+    """Give `config` the timing cache at `cache_path` if it fits, else a fresh one; returns the bytes used.
+
+    The returned bytes are empty when the build starts from a fresh cache (none, or a foreign one), so the
+    metadata records how much of a cache was actually reused.
+    """
+    cache_bytes = b""
+    if cache_path is not None and cache_path.is_file():
+        cache_bytes = cache_path.read_bytes()
+    # An empty buffer creates a fresh cache. A cache is only valid for the GPU, CUDA, TensorRT and flag
+    # set it was made with; ignore_mismatch=False makes TensorRT refuse a foreign one, and then we start
+    # fresh rather than build with tactics timed elsewhere.
+    timing_cache = config.create_timing_cache(cache_bytes)
+    if timing_cache is None or not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        if cache_bytes:
+            log(f"timing cache {cache_path} does not fit this GPU/TensorRT; starting a fresh one")
+        cache_bytes = b""
+        timing_cache = config.create_timing_cache(b"")
+        config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    return cache_bytes
+
+
+def _build_serialized_plan(builder: Any, network: Any, config: Any, onnx_path: Path) -> bytes:
+    """Run the TensorRT builder (the minutes-long step); a None result is TensorRT's way to fail."""
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(
+            f"TensorRT returned no engine for {onnx_path} (see the builder log above; raise "
+            "--workspace-gb if it mentions memory)"
+        )
+    return bytes(serialized)
+
+
+def _gate_or_skip(
+    trt: ModuleType,
+    plan: bytes,
+    gate_reference: Reference | None,
+    settings: EngineBuildSettings,
+    runner: EngineRunner | None,
+    log: Callable[[str], None],
+) -> tuple[str, dict[str, Any] | None]:
+    """Run the parity gate when there is a reference; without one (gate switched off) say so loudly."""
+    if gate_reference is not None:
+        return _run_gate(trt, plan, gate_reference, settings, runner or run_engine, log)
+    log("WARNING: parity gate skipped (--no-parity-gate): this engine was never compared with ONNX Runtime")
+    return GATE_SKIPPED, None
+
+
+def _write_engine_files(onnx_path: Path, plan_path: Path, plan: bytes, metadata: EngineMetadata) -> None:
+    """Write the plan and its metadata, or, when the gate failed, only the metadata and raise."""
+    if metadata.gate == GATE_FAILED:
         # Nothing servable at plan_path (not even a plan left there by an earlier build); the metadata
         # records why, so the failure can be read next to where the plan would have been.
         plan_path.unlink(missing_ok=True)
         atomic_write_bytes(metadata_path(plan_path), metadata.to_json().encode())
+        parity = metadata.parity
         assert parity is not None
         raise EngineParityError(
             f"engine for {onnx_path} failed the parity gate, not written: {parity['summary']}", parity
         )
     atomic_write_bytes(plan_path, plan)
     atomic_write_bytes(metadata_path(plan_path), metadata.to_json().encode())
-    return metadata
 
 
 def _load_gate_reference(

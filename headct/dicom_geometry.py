@@ -181,6 +181,40 @@ def stack_geometry(
             ``inconsistent_orientation``, ``bad_spacing``.
     """
     row, col, normal = orientation_axes(iop)
+    spacing = _checked_pixel_spacing(pixel_spacing)
+    points = _checked_positions(positions)
+    n = len(points)
+    distance = points @ normal
+    order = np.argsort(distance, kind="stable")
+    d = distance[order]
+    p = points[order]
+    steps = np.diff(d)
+    _check_one_slice_per_position(steps, n)
+    step_vector = (p[-1] - p[0]) / (n - 1)
+    step_mm = float(step_vector @ normal)
+    in_plane = step_vector - step_mm * normal
+    tilt_deg = math.degrees(math.atan2(float(np.linalg.norm(in_plane)), step_mm))
+    tol = tolerance_mm(step_mm)
+    deviation = np.linalg.norm(p - (p[0] + np.arange(n)[:, None] * step_vector), axis=1)
+    max_dev = float(deviation.max())
+    if max_dev > tol:
+        _raise_irregular(steps, d, tol)
+    _check_gantry_tilt(tilt_deg)
+    # A tilt this small is position rounding, not a tilt: keep the affine orthogonal.
+    if tilt_deg < TILT_SNAP_DEG:
+        step_vector = step_mm * normal
+        tilt_deg = 0.0
+    return StackGeometry(
+        order=tuple(int(i) for i in order),
+        affine=LPS_TO_RAS @ _voxel_to_lps(row, col, spacing, step_vector, p[0]),
+        slice_step_mm=step_mm,
+        tilt_deg=tilt_deg,
+        max_deviation_mm=max_dev,
+    )
+
+
+def _checked_pixel_spacing(pixel_spacing: Sequence[float]) -> np.ndarray:
+    """PixelSpacing as a float array, or `GeometryError` ``bad_spacing``: it scales the affine's columns."""
     spacing = np.asarray(pixel_spacing, dtype=np.float64)
     if spacing.shape != (2,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise GeometryError(
@@ -190,6 +224,14 @@ def stack_geometry(
             observed=[round(float(v), 6) for v in spacing.ravel()[:4]],
             expected="(row spacing, column spacing) > 0 mm",
         )
+    return spacing
+
+
+def _checked_positions(positions: Sequence[Sequence[float]]) -> np.ndarray:
+    """The slice positions as an (n, 3) array with n >= 2 and every value finite.
+
+    Two slices at least, because the slice direction and step are computed from the positions.
+    """
     points = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     n = len(points)
     if n < 2:
@@ -206,11 +248,11 @@ def stack_geometry(
             "ImagePositionPatient holds non-finite values",
             field="ImagePositionPatient",
         )
-    distance = points @ normal
-    order = np.argsort(distance, kind="stable")
-    d = distance[order]
-    p = points[order]
-    steps = np.diff(d)
+    return points
+
+
+def _check_one_slice_per_position(steps: np.ndarray, n: int) -> None:
+    """Refuse (``mixed_series``) a stack where two of the `n` sorted slices share a position."""
     if float(steps.min()) < DUPLICATE_POSITION_MM:
         duplicates = int(np.count_nonzero(steps < DUPLICATE_POSITION_MM))
         raise GeometryError(
@@ -221,15 +263,10 @@ def stack_geometry(
             observed=f"{duplicates} duplicate slice positions among {n} slices",
             expected="one slice per position",
         )
-    step_vector = (p[-1] - p[0]) / (n - 1)
-    step_mm = float(step_vector @ normal)
-    in_plane = step_vector - step_mm * normal
-    tilt_deg = math.degrees(math.atan2(float(np.linalg.norm(in_plane)), step_mm))
-    tol = tolerance_mm(step_mm)
-    deviation = np.linalg.norm(p - (p[0] + np.arange(n)[:, None] * step_vector), axis=1)
-    max_dev = float(deviation.max())
-    if max_dev > tol:
-        _raise_irregular(steps, d, tol)
+
+
+def _check_gantry_tilt(tilt_deg: float) -> None:
+    """Refuse (``gantry_tilt``) a tilt no CT gantry can make: the positions must be wrong or mixed."""
     if tilt_deg > MAX_GANTRY_TILT_DEG:
         raise GeometryError(
             "gantry_tilt",
@@ -239,21 +276,22 @@ def stack_geometry(
             observed=round(tilt_deg, 2),
             expected=f"<= {MAX_GANTRY_TILT_DEG} deg",
         )
-    if tilt_deg < TILT_SNAP_DEG:
-        step_vector = step_mm * normal
-        tilt_deg = 0.0
+
+
+def _voxel_to_lps(
+    row: np.ndarray, col: np.ndarray, spacing: np.ndarray, step_vector: np.ndarray, origin: np.ndarray
+) -> np.ndarray:
+    """4x4 voxel index -> LPS mm affine with its origin at the first sorted slice.
+
+    Axis 0 runs along the row cosine, one step = the *column* spacing (PixelSpacing[1]); axis 1 along the
+    column cosine, one step = PixelSpacing[0]; axis 2 is the slice step (sheared when the gantry tilted).
+    """
     lps = np.eye(4)
     lps[:3, 0] = row * spacing[1]
     lps[:3, 1] = col * spacing[0]
     lps[:3, 2] = step_vector
-    lps[:3, 3] = p[0]
-    return StackGeometry(
-        order=tuple(int(i) for i in order),
-        affine=LPS_TO_RAS @ lps,
-        slice_step_mm=step_mm,
-        tilt_deg=tilt_deg,
-        max_deviation_mm=max_dev,
-    )
+    lps[:3, 3] = origin
+    return lps
 
 
 def _raise_irregular(steps: np.ndarray, distance: np.ndarray, tol: float) -> None:
