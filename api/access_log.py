@@ -3,7 +3,8 @@ access log.
 
 Fields, and only these: `request_id`, `method`, `route` (the template, never the raw path or query,
 which may carry a series UID), `status`, `code` (the problem code of an error), `api_key` (a short
-hash, `api.auth.key_id`), `timings_ms` (the stages of a prediction), `duration_ms`. Probes and
+hash, `api.auth.key_id`), `lane` (a prediction's priority lane), `timings_ms` (the stages of a
+prediction), `duration_ms`. Probes and
 /metrics are logged at DEBUG so they do not drown the rest.
 """
 
@@ -32,6 +33,7 @@ class AccessLine:
     duration_ms: float
     code: str | None = None
     api_key: str | None = None
+    lane: str | None = None
     timings_ms: dict[str, float] | None = None
 
 
@@ -60,6 +62,7 @@ def log_request(scope: Scope, status: int, started: float) -> None:
         status=status,
         code=state.get("problem_code"),
         api_key=state.get("api_key_id"),
+        lane=state.get("lane"),
         timings_ms=state.get("timings_ms"),
         duration_ms=elapsed_ms(started),
     )

@@ -5,6 +5,11 @@ Keys come from ``HEADCT_API_KEYS`` (comma-separated) and/or ``HEADCT_API_KEYS_FI
 line, ``#`` comments; the Helm chart mounts its Secret there and rotating the Secret is picked up
 without a restart). No key configured at all means the API is open: every caller is anonymous.
 
+A key in the file may be limited to some priority lanes (api/inference/lanes.py) with ``lanes=``
+after it, e.g. ``k-cohort-team lanes=bulk``: a cohort-scoring key cannot send STAT work, and its
+predictions default to its best lane. Keys without ``lanes=`` (and all ``HEADCT_API_KEYS``) may use
+every lane.
+
 A caller sends ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``. The key is compared with
 `hmac.compare_digest` against *every* configured key, so the time taken does not reveal which key
 (or how much of one) matched. Logs and metrics only ever see `key_id`, a short hash of the key.
@@ -23,6 +28,7 @@ from typing import Annotated, Final
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from api.inference.lanes import ALL_LANES, Lane, parse_lanes
 from api.problems import ProblemCode, ProblemError, problem_responses
 from api.settings import Settings
 
@@ -47,6 +53,29 @@ def parse_keys(text: str, *, separator: str | None = None) -> list[str]:
     return [line for line in lines if line]
 
 
+def parse_key_entries(text: str) -> list[tuple[str, frozenset[Lane]]]:
+    """The keys file: one key a line, optionally followed by ``lanes=stat,routine,bulk``; `#` starts a
+    comment. A line whose lanes cannot be read is left out (logged by line number, never the key)."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        key, _, rest = line.split("#", 1)[0].strip().partition(" ")
+        if not key:
+            continue
+        lanes = ALL_LANES
+        option = rest.strip()
+        if option:
+            name, _, value = option.partition("=")
+            try:
+                if name.strip() != "lanes":
+                    raise ValueError(f"unknown option {name.strip()!r}")
+                lanes = parse_lanes(value)
+            except ValueError as error:
+                logger.error("API keys file line %d ignored: %s", number, error)
+                continue
+        entries.append((key, lanes))
+    return entries
+
+
 def bearer_token(authorization: str) -> str | None:
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer":
@@ -61,6 +90,7 @@ class Keyring:
         self._env = [key.encode() for key in env_keys]
         self._path = Path(path) if path else None
         self._file: list[bytes] = []
+        self._lanes: dict[str, frozenset[Lane]] = {}  # by key_id; keys not here may use every lane
         self._stamp: tuple[int, int] | None = None
         self._reload()
 
@@ -76,15 +106,16 @@ class Keyring:
             stamp = (stat.st_mtime_ns, stat.st_size)
             if stamp == self._stamp:
                 return
-            keys = parse_keys(self._path.read_text(encoding="utf-8"))
+            entries = parse_key_entries(self._path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError):
             # A configured but unreadable file must not silently open the API: no file keys, and
             # `enabled` stays true, so every request but the env keys' is refused until it is back.
             if self._stamp != (-1, -1):
                 logger.error("API keys file is missing or unreadable; refusing its keys")
-            self._file, self._stamp = [], (-1, -1)
+            self._file, self._lanes, self._stamp = [], {}, (-1, -1)
             return
-        self._file, self._stamp = [key.encode() for key in keys], stamp
+        self._file, self._stamp = [key.encode() for key, _ in entries], stamp
+        self._lanes = {key_id(key): lanes for key, lanes in entries if lanes != ALL_LANES}
         logger.info("API keys loaded", extra={"api_keys": len(self._env) + len(self._file)})
 
     @property
@@ -119,6 +150,10 @@ class Keyring:
                 headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
             )
         return key_id(candidate)
+
+    def lanes(self, identity: str) -> frozenset[Lane]:
+        """The priority lanes the caller (`authenticate`'s answer) may send predictions in."""
+        return self._lanes.get(identity, ALL_LANES)
 
 
 class KeySlots:
@@ -226,6 +261,7 @@ __all__ = [
     "key_id",
     "key_slots",
     "keyring",
+    "parse_key_entries",
     "parse_keys",
     "predict_slot",
     "require_api_key",

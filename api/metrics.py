@@ -81,3 +81,31 @@ FINDING_PROBABILITY = Histogram(
     ["finding"],
     buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
 )
+
+# Priority lanes (api/inference/lanes.py): stat, routine, bulk.
+PREDICTIONS = Counter(
+    "headct_predictions_total",
+    "Predictions (REST and gRPC) by priority lane and outcome: ok, or the problem code",
+    ["lane", "outcome"],
+)
+PREDICTION_DURATION = Histogram(
+    "headct_prediction_duration_seconds",
+    "Latency of answered predictions (REST and gRPC), arrival to answer, by priority lane",
+    ["lane"],
+    buckets=_LATENCY_BUCKETS,
+)
+LANE_INFLIGHT = Gauge(
+    "headct_lane_inflight_requests",
+    "Predictions holding an in-flight slot, by priority lane",
+    ["lane"],
+    multiprocess_mode="livesum",
+)
+LANE_QUEUE_DEPTH = Gauge(
+    "headct_lane_queue_depth",
+    "Predictions waiting for an in-flight slot, by priority lane",
+    ["lane"],
+    multiprocess_mode="livesum",
+)
+LANE_REJECTIONS = Counter(
+    "headct_lane_busy_total", "Predictions refused with 429 gateway_busy, by priority lane", ["lane"]
+)

@@ -27,6 +27,7 @@ _S = grpc.StatusCode
 STATUS_MEANINGS: dict[int, str] = {
     400: "the request cannot be read",
     401: "API key missing or wrong (only when keys are configured); with `WWW-Authenticate`",
+    403: "the API key may not do this (e.g. send a priority lane it is not allowed)",
     404: "no such route",
     405: "the route does not take this method",
     413: "the upload is too large",
@@ -93,6 +94,14 @@ class ProblemCode(enum.Enum):
         "a query parameter (REST) or the order of the stream's messages (gRPC) is malformed; `field` says "
         "which",
     )
+    INVALID_PRIORITY = (
+        "invalid_priority",
+        400,
+        _S.INVALID_ARGUMENT,
+        "Invalid priority",
+        "`priority` (query, `X-HeadCT-Priority` header or gRPC option) is not one of `stat`, `routine`, "
+        "`bulk`",
+    )
     # --- 401: API keys ------------------------------------------------------------------------------
     MISSING_API_KEY = (
         "missing_api_key",
@@ -107,6 +116,15 @@ class ProblemCode(enum.Enum):
         _S.UNAUTHENTICATED,
         "Invalid API key",
         "the request's API key is not one of the configured keys",
+    )
+    # --- 403: API key not allowed this ----------------------------------------------------------------
+    PRIORITY_NOT_ALLOWED = (
+        "priority_not_allowed",
+        403,
+        _S.PERMISSION_DENIED,
+        "Priority not allowed",
+        "the API key may not send this priority lane (its `lanes=` in the keys file; e.g. a bulk key "
+        "sending `stat`)",
     )
     # --- 404 / 405: routing (REST only) ---------------------------------------------------------------
     NOT_FOUND = ("not_found", 404, _S.NOT_FOUND, "Not found", "no route at this path (REST only)")
@@ -284,7 +302,9 @@ class ProblemCode(enum.Enum):
         429,
         _S.RESOURCE_EXHAUSTED,
         "Gateway busy",
-        "`HEADCT_MAX_INFLIGHT` + `HEADCT_MAX_QUEUE` reached; `Retry-After` is `HEADCT_BUSY_RETRY_AFTER_S`",
+        "the request's priority lane has no room: its queue (`HEADCT_MAX_QUEUE`, "
+        "`HEADCT_BULK_MAX_QUEUE`) is full behind `HEADCT_MAX_INFLIGHT`; bulk is refused first, STAT last; "
+        "`Retry-After` is `HEADCT_BUSY_RETRY_AFTER_S`",
     )
     KEY_CONCURRENCY_EXCEEDED = (
         "key_concurrency_exceeded",

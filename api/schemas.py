@@ -50,6 +50,7 @@ class PredictResponse(BaseModel):
     input: InputSummary
     warnings: list[Warning] = Field(default_factory=list)
     timings_ms: Timings
+    priority: str = Field(default="routine", description="the priority lane it ran in: stat, routine or bulk")
     notice: str | None = Field(default=None, description="set for the synthetic demo model")
 
 

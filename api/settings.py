@@ -55,11 +55,37 @@ class Settings(BaseSettings):
         description="processes that decode/validate/preprocess scans (CPU-bound); default: CPU count, "
         "at most 8; 0 = a thread in the gateway process (tests, debugging)",
     )
+    bulk_preprocess_workers: int | None = Field(
+        default=None,
+        ge=0,
+        description="processes for bulk scans, apart from the others' and at a lower CPU priority "
+        "(HEADCT_BULK_NICE), started with the first bulk scan; default: HEADCT_PREPROCESS_WORKERS; 0 = bulk "
+        "shares the pool, on all workers but one",
+    )
+    bulk_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="how much lower the bulk workers' CPU priority is (Unix nice increment): on a busy node "
+        "STAT and routine preprocessing get the CPU first",
+    )
     max_inflight: int = Field(
         default=16, ge=1, description="predictions being preprocessed or inferred at once per gateway process"
     )
     max_queue: int = Field(
         default=64, ge=0, description="predictions waiting for an in-flight slot; beyond it: 429 gateway_busy"
+    )
+    bulk_max_inflight: int | None = Field(
+        default=None,
+        ge=1,
+        description="in-flight slots bulk predictions may hold at once; the rest stay free for STAT and "
+        "routine; default: three quarters of HEADCT_MAX_INFLIGHT (at least 1)",
+    )
+    bulk_max_queue: int | None = Field(
+        default=None,
+        ge=0,
+        description="bulk predictions waiting for a slot; beyond it bulk gets 429 (STAT and routine have "
+        "their own HEADCT_MAX_QUEUE each); default: HEADCT_MAX_QUEUE",
     )
     busy_retry_after_s: int = Field(
         default=1, ge=1, description="Retry-After sent with 429 gateway_busy and key_concurrency_exceeded"
@@ -107,6 +133,13 @@ class Settings(BaseSettings):
     max_member_bytes: int = Field(default=2 << 30, ge=1, description="one zip entry / multipart part")
     max_compression_ratio: float = Field(default=250.0, gt=1, description="zip inflation bound")
     max_voxels: int = Field(default=1 << 28, ge=1, description="voxels of the decoded volume")
+
+    @property
+    def bulk_inflight_limit(self) -> int:
+        """`bulk_max_inflight`, or by default three quarters of the slots (never more than all)."""
+        if self.bulk_max_inflight is not None:
+            return min(self.bulk_max_inflight, self.max_inflight)
+        return max(1, self.max_inflight * 3 // 4)
 
 
 @lru_cache

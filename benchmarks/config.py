@@ -27,6 +27,7 @@ class BenchConfig:
     sweep: tuple[int, ...]  # extra concurrencies for the batching on/off curves (beyond 1 and 8)
     sweep_requests_per_client: int
     upload_requests: int
+    lane_probes: int  # STAT scans per phase of the priority-lane measurement (benchmarks/lanes.py)
     rss_concurrency: int = 8
 
 
@@ -41,6 +42,7 @@ QUICK = BenchConfig(
     sweep=(),
     sweep_requests_per_client=0,
     upload_requests=2,
+    lane_probes=8,
 )
 
 FULL = BenchConfig(
@@ -54,4 +56,5 @@ FULL = BenchConfig(
     sweep=(2, 4, 12, 16),
     sweep_requests_per_client=3,
     upload_requests=5,
+    lane_probes=20,
 )

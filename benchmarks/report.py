@@ -21,6 +21,7 @@ CONTRACT_KEYS = (
     "preprocess_speedup",
     "preprocess_max_abs_prob_delta",
     "gateway_peak_rss_mb",
+    "stat_latency_ratio",
 )
 
 
@@ -90,6 +91,14 @@ TARGETS: tuple[Target, ...] = (
         "Peak RSS summed over the gateway and all its child processes while it serves 8 concurrent DICOM "
         "zips (sampled from /proc every 50 ms; shared copy-on-write pages count once per process, so this "
         "over-states real use; PSS is reported beside it).",
+    ),
+    Target(
+        "stat_latency_ratio",
+        "<=",
+        1.5,
+        "p50 of STAT scans (NIfTI.gz, one at a time) while bulk clients 4x the gateway's in-flight slots "
+        "saturate it ÷ p50 of the same STAT scans on the idle gateway (benchmarks/lanes.py); STAT must "
+        "also get 0 refusals.",
     ),
 )
 
@@ -244,6 +253,53 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class LanePhase:
+    """One phase of the priority-lane measurement: the probes, and the bulk load beside them."""
+
+    bulk_clients: int | None
+    bulk_priority: str | None
+    probe_priority: str | None
+    answered: int | None
+    refused: dict[str, int]
+    latency: Latency
+    stage_p50_ms: dict[str, float]
+    bulk_scans_per_s: float | None
+
+    @classmethod
+    def from_json(cls, data: JsonObject | None) -> LanePhase:
+        data = data or {}
+        probes = data.get("probes") or {}
+        return _read(
+            cls,
+            data,
+            answered=probes.get("answered"),
+            refused=probes.get("refused") or {},
+            latency=Latency.from_json(probes.get("latency")),
+            stage_p50_ms=probes.get("stage_p50_ms") or {},
+        )
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """STAT under bulk saturation, with lanes and without (benchmarks/lanes.py)."""
+
+    input: str | None
+    bulk_factor: int | None
+    idle: LanePhase
+    lanes: LanePhase
+    no_lanes: LanePhase
+    stat_latency_ratio: float | None
+    stat_p99_ratio: float | None
+    no_lanes_latency_ratio: float | None
+    stat_refused: int | None
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> Lanes:
+        phases = {key: LanePhase.from_json(data.get(key)) for key in ("idle", "lanes", "no_lanes")}
+        return _read(cls, data, **phases)
+
+
+@dataclass(frozen=True)
 class PerfRow:
     """One perf_analyzer concurrency level (the columns REPORT.md shows, in its order)."""
 
@@ -356,6 +412,7 @@ class BenchResults:
     perf_analyzer: PerfAnalyzer
     preprocess: Preprocess
     runtimes: Runtimes | None
+    lanes: Lanes | None
 
     @classmethod
     def from_json(cls, results: JsonObject) -> BenchResults:
@@ -376,6 +433,7 @@ class BenchResults:
             perf_analyzer=PerfAnalyzer.from_json(results.get("perf_analyzer")),
             preprocess=Preprocess.from_json(results.get("preprocess")),
             runtimes=section("runtimes", Runtimes.from_json),
+            lanes=section("lanes", Lanes.from_json),
         )
 
     def latency_runs(self) -> list[LoadRun]:
@@ -412,6 +470,7 @@ def _figures(res: BenchResults) -> dict[str, Any]:
         "preprocess_speedup": pre.preprocess_speedup,
         "preprocess_max_abs_prob_delta": pre.preprocess_max_abs_prob_delta,
         "gateway_peak_rss_mb": mem.peak_rss_mb if mem else None,
+        "stat_latency_ratio": res.lanes.stat_latency_ratio if res.lanes else None,
     }
 
 
@@ -776,6 +835,40 @@ _GPU_SECTION = [
 ]
 
 
+def _lanes_section(lanes: Lanes) -> list[str]:
+    def row(name: str, phase: LanePhase) -> list[Any]:
+        refused = ", ".join(f"{code} {n}" for code, n in phase.refused.items()) or "0"
+        return [
+            name,
+            phase.bulk_clients,
+            phase.answered,
+            refused,
+            phase.latency.p50_ms,
+            phase.latency.p99_ms,
+            _stage_list(phase.stage_p50_ms),
+            phase.bulk_scans_per_s,
+        ]
+
+    header = ["phase", "bulk clients", "probes answered", "probes refused", "p50 ms", "p99 ms"]
+    rows = [
+        row("idle (STAT probes)", lanes.idle),
+        row("bulk saturation, lanes (STAT probes)", lanes.lanes),
+        row("bulk saturation, no lanes (all routine)", lanes.no_lanes),
+    ]
+    return [
+        "",
+        "## STAT under bulk saturation (priority lanes)",
+        "",
+        f"Input `{lanes.input}` as NIfTI.gz; one gateway with 4 in-flight slots, "
+        f"{lanes.bulk_factor}x as many closed-loop bulk clients (each honours Retry-After), STAT probes "
+        "one at a time among them. "
+        f"`stat_latency_ratio` {_fmt(lanes.stat_latency_ratio)} (p99 ÷ idle p50: "
+        f"{_fmt(lanes.stat_p99_ratio)}); the same load without lanes: {_fmt(lanes.no_lanes_latency_ratio)}.",
+        "",
+        *_table([*header, "probe stage p50s (ms)", "bulk scans/s"], rows),
+    ]
+
+
 def render_markdown(results: JsonObject, notes: dict[str, str] | None = None) -> str:
     res = BenchResults.from_json(results)
     lines = _header_section(res) + _targets_section(res, notes)
@@ -793,6 +886,8 @@ def render_markdown(results: JsonObject, notes: dict[str, str] | None = None) ->
         lines += _uploads_section(res.uploads)
     if res.memory:
         lines += _memory_section(res.memory)
+    if res.lanes:
+        lines += _lanes_section(res.lanes)
     lines += ["", "## Stage breakdown", "", "![stages](stage_breakdown.png)"]
     lines += _perf_analyzer_section(res.perf_analyzer) + _preprocess_section(res.preprocess)
     if res.runtimes:

@@ -18,7 +18,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 
 from api.inference.workers import single_threaded_blas
-from benchmarks import direct, inputs, load, memory, perf_analyzer, runtimes
+from benchmarks import direct, inputs, lanes, load, memory, perf_analyzer, runtimes
 from benchmarks.config import BenchConfig
 from benchmarks.cpu import CpuMeter, busy_fraction, machine_cpu_ticks
 from benchmarks.stack import Gateway, GatewayOptions, start_gateway, start_triton
@@ -443,6 +443,9 @@ def run(
         assert triton.process is not None
         stack = Stack(grpc_url, gateways, triton.process.pid)
         results.update(asyncio.run(_measure_all(cfg, stack, scan, rss_scan)))
+        log(f"STAT latency under bulk saturation ({lanes.BULK_FACTOR}x capacity in bulk clients)")
+        results["lanes"] = lanes.measure_beside(grpc_url, scan, log_dir, model_name, cfg.lane_probes)
+        log(f"  stat_latency_ratio {results['lanes']['stat_latency_ratio']}")
         log("perf_analyzer against Triton directly")
         results["perf_analyzer"] = perf_analyzer.run(
             grpc_url, model_name, results_dir, quick=cfg.mode == "quick"

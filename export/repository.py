@@ -131,6 +131,29 @@ def build_model_config(
     `outputs` lists every output (see `card_outputs`); a one-group model may give `task_names` and
     `embedding_dim` instead.
     """
+    outputs = _resolve_outputs(task_names, embedding_dim, outputs)
+    if target not in TARGETS:
+        raise RepositoryError(f"unknown target {target!r}; expected one of {TARGETS}")
+    config = mc.ModelConfig(name=model_name, max_batch_size=options.max_batch_size)
+    _set_backend(config, target)
+    config.version_policy.latest.num_versions = 1
+    _add_tensors(config, outputs)
+    _set_dynamic_batching(config, target, options)
+    config.instance_group.add(
+        count=options.instance_count,
+        kind=mc.ModelInstanceGroup.KIND_CPU if target == "cpu" else mc.ModelInstanceGroup.KIND_GPU,
+    )
+    _add_warmup(config)
+    config.parameters[MODEL_CARD_PARAMETER].string_value = model_card_json
+    if target == "cpu":
+        config.parameters[INTRA_OP_THREADS_PARAMETER].string_value = str(options.intra_op_threads)
+    return config
+
+
+def _resolve_outputs(
+    task_names: Sequence[str], embedding_dim: int | None, outputs: Sequence[OutputSpec] | None
+) -> Sequence[OutputSpec]:
+    """`outputs` as given, or the one-group pair (probabilities, embedding) from the shorthand arguments."""
     if outputs is None:
         if not task_names or embedding_dim is None:
             raise RepositoryError("give outputs, or task_names and embedding_dim")
@@ -138,9 +161,11 @@ def build_model_config(
             OutputSpec(contract.PROBABILITIES_NAME, len(task_names), tuple(task_names)),
             OutputSpec(contract.EMBEDDING_NAME, embedding_dim),
         ]
-    if target not in TARGETS:
-        raise RepositoryError(f"unknown target {target!r}; expected one of {TARGETS}")
-    config = mc.ModelConfig(name=model_name, max_batch_size=options.max_batch_size)
+    return outputs
+
+
+def _set_backend(config: mc.ModelConfig, target: Target) -> None:
+    """What runs the model: the Python backend (cpu), or the ONNX Runtime / TensorRT platform."""
     if target == "cpu":
         config.backend = "python"
         config.default_model_filename = PYTHON_MODEL_FILENAME
@@ -150,8 +175,10 @@ def build_model_config(
     else:
         config.platform = "tensorrt_plan"
         config.default_model_filename = PLAN_FILENAME
-    config.version_policy.latest.num_versions = 1
 
+
+def _add_tensors(config: mc.ModelConfig, outputs: Sequence[OutputSpec]) -> None:
+    """The contract's input and every output, with the label file of each output that has labels."""
     # With max_batch_size > 0 Triton prepends the batch axis itself: dims never include it.
     config.input.add(
         name=contract.INPUT_NAME, data_type=_datatype(contract.INPUT_DATATYPE), dims=contract.INPUT_SHAPE
@@ -163,6 +190,9 @@ def build_model_config(
         if output.labels:
             tensor.label_filename = output.label_filename
 
+
+def _set_dynamic_batching(config: mc.ModelConfig, target: Target, options: ServingOptions) -> None:
+    """Batch delay, priority levels and the queue policy that turns overload into fast rejections."""
     # No preferred_batch_size: Triton's batcher guide advises it only for TensorRT engines with several
     # optimization profiles of very different speed. We build one profile (1..max), so the batcher
     # should simply send the largest batch available within the delay. (Triton's *effective* config
@@ -178,12 +208,15 @@ def build_model_config(
         options.queue_timeout_microseconds or DEFAULT_QUEUE_TIMEOUT_US[target]
     )
     policy.allow_timeout_override = True
+    # Priority lanes (api/inference/lanes.py): STAT requests (priority 1) leave Triton's queue before
+    # routine ones (2, also what a request without a priority gets) and bulk ones (3). Each level has
+    # its own queue under the default policy, so a full bulk queue does not refuse STAT.
+    batching.priority_levels = contract.PRIORITY_LEVELS
+    batching.default_priority_level = contract.DEFAULT_PRIORITY_LEVEL
 
-    config.instance_group.add(
-        count=options.instance_count,
-        kind=mc.ModelInstanceGroup.KIND_CPU if target == "cpu" else mc.ModelInstanceGroup.KIND_GPU,
-    )
 
+def _add_warmup(config: mc.ModelConfig) -> None:
+    """One all-zero batch-1 warmup request."""
     # Triton reports the model ready only after warmup: ready means warm (ORT sessions initialised,
     # TensorRT contexts and CUDA memory allocated) instead of the first patient paying for it.
     warmup = config.model_warmup.add(name="zero_batch1", batch_size=1, count=1)
@@ -192,11 +225,6 @@ def build_model_config(
             data_type=_datatype(contract.INPUT_DATATYPE), dims=contract.INPUT_SHAPE, zero_data=True
         )
     )
-
-    config.parameters[MODEL_CARD_PARAMETER].string_value = model_card_json
-    if target == "cpu":
-        config.parameters[INTRA_OP_THREADS_PARAMETER].string_value = str(options.intra_op_threads)
-    return config
 
 
 def render_config(config: mc.ModelConfig) -> str:

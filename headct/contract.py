@@ -37,3 +37,10 @@ def probabilities_output(group: str | None) -> str:
 
 def embedding_output(group: str | None) -> str:
     return EMBEDDING_NAME if group is None else f"{EMBEDDING_NAME}{GROUP_SEPARATOR}{group}"
+
+
+# Priority lanes (api/inference/lanes.py) reach Triton as request priorities 1 (STAT) .. 3 (bulk): the
+# repository writer gives the dynamic batcher this many levels, and a request without a priority
+# (perf_analyzer, an old gateway) queues as routine.
+PRIORITY_LEVELS: Final = 3
+DEFAULT_PRIORITY_LEVEL: Final = 2

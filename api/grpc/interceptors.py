@@ -1,6 +1,9 @@
 """gRPC server interceptors for the `headct.v1.HeadCT` service: API keys + per-key limit (same rules
 and problem codes as REST, `api.auth`) and the outcome log line (same logger as REST,
 ``headct.access``). The health and reflection services stay open, like /livez and /readyz.
+
+What the interceptors and the servicer learn about a call (its key, lane, stage timings) goes into its
+`CallNotes` for the log line: a servicer context has no free attributes.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
@@ -23,8 +27,23 @@ Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 _LIMITED_METHODS: Final = ("/Predict", "/PredictStream")
 
-# The key id of calls in flight, for the outcome line (the context object has no free attributes).
-_IDENTITY: dict[int, str] = {}
+
+@dataclass
+class CallNotes:
+    """What one call's outcome line says beyond its status: set while the call runs."""
+
+    api_key: str | None = None
+    lane: str | None = None
+    timings_ms: dict[str, float] | None = None
+
+
+# The notes of the calls in flight, by id() of their context; made and dropped by AccessLogInterceptor.
+_NOTES: dict[int, CallNotes] = {}
+
+
+def call_notes(context: grpc.aio.ServicerContext) -> CallNotes:
+    """The notes of the call in `context` (a detached, unlogged one outside the interceptors)."""
+    return _NOTES.get(id(context)) or CallNotes()
 
 
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -84,7 +103,7 @@ class ApiKeyInterceptor(_ServiceInterceptor):
                 request_id = sanitize_request_id(metadata.get("x-request-id", ""))
                 await abort_with_problem(context, error, request_id)
                 raise  # unreachable: abort raises
-            _IDENTITY[id(context)] = identity  # popped by the access log interceptor around us
+            call_notes(context).api_key = identity
             try:
                 return await behaviour(request, context)
             finally:
@@ -96,20 +115,21 @@ class ApiKeyInterceptor(_ServiceInterceptor):
 
 class AccessLogInterceptor(_ServiceInterceptor):
     """One ``headct.access`` line per HeadCT call: request id, method, gRPC status, problem code,
-    key id, duration. Reads only what the handler put in the trailing metadata."""
+    key id, lane, stage timings, duration: from the trailing metadata and the call's notes."""
 
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         async def logged(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
+            _NOTES[id(context)] = CallNotes()
             try:
                 return await behaviour(request, context)
             finally:
-                _log(method, context, started)
+                _log(method, context, started, _NOTES.pop(id(context), CallNotes()))
 
         return logged
 
 
-def _log(method: str, context: grpc.aio.ServicerContext, started: float) -> None:
+def _log(method: str, context: grpc.aio.ServicerContext, started: float, notes: CallNotes) -> None:
     trailing = {k: v for k, v in (context.trailing_metadata() or ()) if isinstance(v, str)}
     code = context.code()
     status = code.name if isinstance(code, grpc.StatusCode) else "OK"
@@ -119,7 +139,9 @@ def _log(method: str, context: grpc.aio.ServicerContext, started: float) -> None
         route=method,
         status=status,
         code=trailing.get("headct-problem-code"),
-        api_key=_IDENTITY.pop(id(context), None),
+        api_key=notes.api_key,
+        lane=notes.lane,
+        timings_ms=notes.timings_ms,
         duration_ms=elapsed_ms(started),
     )
     log_access(line, logging.WARNING if status in {"INTERNAL", "UNKNOWN", "DATA_LOSS"} else logging.INFO)

@@ -17,10 +17,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from api import metrics
-from api.grpc.interceptors import interceptors
+from api.auth import ANONYMOUS, keyring
+from api.grpc.interceptors import call_notes, interceptors
 from api.grpc.problems import abort_with_problem, grpc_status
 from api.grpc.proto.headct.v1 import headct_pb2, headct_pb2_grpc
 from api.http.routers.models import model_info
+from api.inference.lanes import resolve_lane
 from api.inference.service import PredictionService, ScanRequest
 from api.problems import ProblemCode, ProblemError
 from api.request_id import sanitize_request_id
@@ -48,6 +50,7 @@ def _to_proto(response: PredictResponse) -> headct_pb2.PredictResponse:
             total=timings.total,
         ),
         notice=response.notice or "",
+        priority=response.priority,
     )
 
 
@@ -67,8 +70,13 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
         metadata = dict(context.invocation_metadata() or ())
         request_id = sanitize_request_id(options.request_id or str(metadata.get("x-request-id", "")))
         context.set_trailing_metadata((("x-request-id", request_id),))
+        notes = call_notes(context)
         status = "OK"
         try:
+            lane = resolve_lane(
+                options.priority or None, keyring(self.settings).lanes(notes.api_key or ANONYMOUS)
+            )
+            notes.lane = lane.value
             handled = await self.service.handle(
                 ScanRequest(
                     chunks=chunks,
@@ -79,8 +87,10 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
                     include=["embedding"] if options.include_embedding else [],
                     series_uid=options.series_uid or None,
                     spool_prefix="headct-grpc-",
+                    lane=lane,
                 )
             )
+            notes.timings_ms = handled.timings_ms
             return _to_proto(handled.response)
         except ProblemError as error:
             status = grpc_status(error).name

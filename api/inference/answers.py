@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from api import metrics
+from api.inference.lanes import DEFAULT_LANE, Lane
 from api.problems import ProblemCode, ProblemError
 from api.schemas import Finding, InputSummary, ModelRef, PredictResponse, Timings, Warning
 from headct.model_card import ModelCard
@@ -49,6 +50,7 @@ def build_predict_response(
     include_embedding: bool,
     request_id: str,
     started_at: float,
+    lane: Lane = DEFAULT_LANE,
 ) -> PredictResponse:
     card = prediction.card
     tasks = {task.name: task for task in card.tasks}
@@ -83,6 +85,7 @@ def build_predict_response(
             source_format=scan.source_format,
         ),
         warnings=[Warning(code=code, detail=detail) for code, detail in prediction.warnings],
+        priority=lane.value,
         timings_ms=Timings.model_validate(timings),
         notice=card.notice if card.synthetic_demo else None,
     )

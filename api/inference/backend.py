@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from api.inference.batching import BatchAnswer
+from api.inference.lanes import DEFAULT_LANE, Lane
 from api.problems import ProblemError
 from headct.model_card import ModelCard
 
@@ -32,9 +33,15 @@ class InferenceBackend(Protocol):
         ...
 
     async def infer_batch(
-        self, batch: np.ndarray, timeout_s: float | None = None, outputs: Sequence[str] = ()
+        self,
+        batch: np.ndarray,
+        timeout_s: float | None = None,
+        outputs: Sequence[str] = (),
+        *,
+        lane: Lane = DEFAULT_LANE,
     ) -> BatchAnswer | Mapping[str, np.ndarray]:
-        """Preprocessed scans [N, 3, 96, 96, 96] float16 -> the named outputs, each [N, width]."""
+        """Preprocessed scans [N, 3, 96, 96, 96] float16 -> the named outputs, each [N, width]; `lane` is
+        the best priority lane in the batch (the backend queues it accordingly, where it can)."""
         ...
 
     def unavailable(self, detail: str) -> ProblemError:

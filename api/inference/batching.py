@@ -12,6 +12,9 @@ deadline of its members; a member whose deadline already
 passed is answered 504 ``deadline_exceeded`` and never sent; a member whose caller went away
 (cancelled) is left out. When the call fails, every member gets the failure.
 
+Priority lanes (api/inference/lanes.py): a STAT scan closes its batch at once (whatever joined it so far
+goes with it), and a batch goes to Triton in the best lane of its members.
+
 `enabled=False` sends each scan in its own call, at once.
 """
 
@@ -20,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from api import metrics
+from api.inference.lanes import DEFAULT_LANE, Lane
 from api.problems import ProblemCode, ProblemError
 
 
@@ -44,8 +49,13 @@ class Outputs(dict[str, np.ndarray]):
     model_version: str = ""
 
 
-#: ``infer(batch [N, ...], timeout_s, output names) -> BatchAnswer`` (or a bare {name: [N, width]})
-InferBatch = Callable[[np.ndarray, float, Sequence[str]], Awaitable[BatchAnswer | Mapping[str, np.ndarray]]]
+class InferBatch(Protocol):
+    """``infer(batch [N, ...], timeout_s, output names, lane=) -> BatchAnswer`` (or a bare
+    {name: [N, width]})."""
+
+    def __call__(
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str], *, lane: Lane
+    ) -> Awaitable[BatchAnswer | Mapping[str, np.ndarray]]: ...
 
 
 def deadline_exceeded(detail: str = "the request deadline passed before inference") -> ProblemError:
@@ -58,6 +68,7 @@ class _Member:
     deadline: float  # event-loop time
     outputs: tuple[str, ...]
     future: asyncio.Future[Outputs]
+    lane: Lane = DEFAULT_LANE
 
 
 class MicroBatcher:
@@ -71,21 +82,23 @@ class MicroBatcher:
         self._calls: set[asyncio.Task[None]] = set()
         self._expected = 0  # scans being prepared inside `expecting()`
 
-    async def submit(self, image: np.ndarray, deadline: float, outputs: Sequence[str] = ()) -> Outputs:
+    async def submit(
+        self, image: np.ndarray, deadline: float, outputs: Sequence[str] = (), lane: Lane = DEFAULT_LANE
+    ) -> Outputs:
         """One scan's outputs ({name: [width]}); `deadline` is in event-loop time."""
-        return await self.enqueue(image, deadline, outputs)
+        return await self.enqueue(image, deadline, outputs, lane)
 
     def enqueue(
-        self, image: np.ndarray, deadline: float, outputs: Sequence[str] = ()
+        self, image: np.ndarray, deadline: float, outputs: Sequence[str] = (), lane: Lane = DEFAULT_LANE
     ) -> asyncio.Future[Outputs]:
         """Add one scan to the open batch now; the future resolves to the `outputs` it asked for (all the
-        call returned when it named none)."""
-        member = self._member(image, deadline, tuple(outputs))
+        call returned when it named none). A STAT scan sends the batch at once."""
+        member = self._member(image, deadline, tuple(outputs), lane)
         if not self.enabled or self.max_size <= 1:
             self._send([member])
             return member.future
         self._pending.append(member)
-        if len(self._pending) >= self.max_size:
+        if len(self._pending) >= self.max_size or lane is Lane.STAT:
             self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self._flush)
@@ -103,11 +116,11 @@ class MicroBatcher:
             if self._expected == 0 and self._pending:
                 self._flush()
 
-    def _member(self, image: np.ndarray, deadline: float, outputs: tuple[str, ...]) -> _Member:
+    def _member(self, image: np.ndarray, deadline: float, outputs: tuple[str, ...], lane: Lane) -> _Member:
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:
             raise deadline_exceeded()
-        return _Member(image, deadline, outputs, loop.create_future())
+        return _Member(image, deadline, outputs, loop.create_future(), lane)
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -141,7 +154,8 @@ class MicroBatcher:
             images = [member.image for member in members]
             stacked = images[0][np.newaxis] if len(images) == 1 else np.stack(images)
             wanted = sorted({name for member in members for name in member.outputs})
-            answer = await self._infer(stacked, timeout_s, wanted)
+            lane = min((member.lane for member in members), key=lambda item: item.rank)
+            answer = await self._infer(stacked, timeout_s, wanted, lane=lane)
             if not isinstance(answer, BatchAnswer):
                 answer = BatchAnswer(answer)
             if any(len(rows) != len(members) for rows in answer.outputs.values()):

@@ -13,6 +13,9 @@ groups that hold the requested tasks, and the embedding group's embedding when i
 
 The deadline (`request_timeout_s`) starts once the upload is spooled; at it the caller gets 504
 ``deadline_exceeded``, and what is left of it is the Triton call's gRPC timeout.
+
+Each prediction runs in a priority lane (api/inference/lanes.py) that admission, the preprocessing pool,
+the micro-batcher and Triton all honour.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +34,7 @@ from api import metrics
 from api.inference.admission import Admission
 from api.inference.answers import build_predict_response, check_includes, select_tasks
 from api.inference.batching import BatchAnswer, MicroBatcher, deadline_exceeded
+from api.inference.lanes import DEFAULT_LANE, Lane
 from api.inference.uploads import check_declared_length, spool_chunks
 from api.inference.workers import PreprocessPool
 from api.ingest import DecodedScan, decode_upload
@@ -88,12 +92,14 @@ class ScanRequest:
     series_uid: str | None = None
     declared_length: int | None = None  # Content-Length, when the transport knows it
     spool_prefix: str = "headct-upload-"
+    lane: Lane = DEFAULT_LANE  # the priority lane (`lanes.resolve_lane`: asked for, and allowed the key)
 
 
 @dataclass(frozen=True)
 class HandledRequest:
     response: PredictResponse
     timings_ms: dict[str, float]  # per stage, for the access log
+    lane: Lane
 
 
 @dataclass
@@ -141,6 +147,27 @@ def _prepare(
     return _without_voxels(scan), np.ascontiguousarray(image, dtype=np.float16), warnings, seconds
 
 
+def _preprocess_pools(settings: Settings) -> tuple[PreprocessPool, PreprocessPool | None]:
+    """The pool for STAT and routine scans, and the bulk pool: its own processes at a lower CPU
+    priority, started with the first bulk scan (None when `bulk_preprocess_workers` is 0 or the
+    pipeline runs in a thread: bulk then shares the pool, kept off one of its workers)."""
+    workers = settings.preprocess_workers
+    bulk_workers = workers if settings.bulk_preprocess_workers is None else settings.bulk_preprocess_workers
+
+    def pool(size: int, **options: Any) -> PreprocessPool:
+        return PreprocessPool(
+            size,
+            retry_after_s=settings.retry_after_s,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+            **options,
+        )
+
+    if workers == 0 or bulk_workers == 0:
+        return pool(workers, lane_limits={Lane.BULK: workers - 1}), None
+    return pool(workers), pool(bulk_workers, nice=settings.bulk_nice)
+
+
 class PredictionService:
     """Owns the preprocessing pool, admission, the micro-batcher and the deadline of each prediction."""
 
@@ -153,13 +180,10 @@ class PredictionService:
             settings.max_queue,
             busy_retry_after_s=settings.busy_retry_after_s,
             shutdown_retry_after_s=settings.retry_after_s,
+            bulk_max_inflight=settings.bulk_inflight_limit,
+            bulk_max_queue=settings.bulk_max_queue,
         )
-        self.pool = PreprocessPool(
-            settings.preprocess_workers,
-            retry_after_s=settings.retry_after_s,
-            log_level=settings.log_level,
-            log_format=settings.log_format,
-        )
+        self.pool, self.bulk_pool = _preprocess_pools(settings)
         self.batcher = MicroBatcher(
             self._infer_batch,
             max_size=settings.batch_max_size,
@@ -173,12 +197,13 @@ class PredictionService:
 
     async def close(self) -> None:
         await self.batcher.close()
-        await asyncio.to_thread(self.pool.shutdown)
+        pools = [pool for pool in (self.pool, self.bulk_pool) if pool is not None]
+        await asyncio.gather(*(asyncio.to_thread(pool.shutdown) for pool in pools))
 
     async def _infer_batch(
-        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str]
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str], *, lane: Lane
     ) -> BatchAnswer | Mapping[str, np.ndarray]:
-        return await self.model.infer_batch(batch, timeout_s, outputs)
+        return await self.model.infer_batch(batch, timeout_s, outputs, lane=lane)
 
     def _limit_batch_size(self, card: ModelCard) -> None:
         """Never send Triton more scans at once than the model accepts (its config's max_batch_size)."""
@@ -189,16 +214,27 @@ class PredictionService:
                 self.batcher.max_size = limit
 
     async def handle(self, request: ScanRequest) -> HandledRequest:
-        """The whole of one prediction for any transport: options checked against the model card,
-        admission, the upload spooled to disk (and removed), `predict`, and the answer built. Raises
-        ProblemError; REST and gRPC only translate requests in and answers or problems out."""
+        """The whole of one prediction for any transport: its lane, options checked against the model
+        card, admission, the upload spooled to disk (and removed), `predict`, and the answer built.
+        Raises ProblemError; REST and gRPC only translate requests in and answers or problems out."""
+        lane = request.lane
+        try:
+            handled = await self._handle(request, lane)
+        except ProblemError as error:
+            metrics.PREDICTIONS.labels(lane=lane.value, outcome=error.code).inc()
+            raise
+        metrics.PREDICTIONS.labels(lane=lane.value, outcome="ok").inc()
+        metrics.PREDICTION_DURATION.labels(lane=lane.value).observe(time.perf_counter() - request.started_at)
+        return handled
+
+    async def _handle(self, request: ScanRequest, lane: Lane) -> HandledRequest:
         check_includes(request.include)
         card = await self.model.card()
         selected = select_tasks(card, request.tasks)
         include_embedding = "embedding" in request.include
         # Admission first (429 gateway_busy / 503 shutting_down): an overloaded gateway refuses before
         # reading the body.
-        with self.admission.enter():
+        with self.admission.enter(lane):
             if request.declared_length is not None:
                 check_declared_length(request.declared_length, limit=self.settings.max_upload_bytes)
             upload = await spool_chunks(
@@ -214,6 +250,7 @@ class PredictionService:
                     series_uid=request.series_uid,
                     tasks=selected,
                     include_embedding=include_embedding,
+                    lane=lane,
                 )
             finally:
                 upload.unlink(missing_ok=True)
@@ -223,8 +260,9 @@ class PredictionService:
             include_embedding=include_embedding,
             request_id=request.request_id,
             started_at=request.started_at,
+            lane=lane,
         )
-        return HandledRequest(response=response, timings_ms=prediction.timings_ms)
+        return HandledRequest(response=response, timings_ms=prediction.timings_ms, lane=lane)
 
     async def predict(
         self,
@@ -234,8 +272,9 @@ class PredictionService:
         series_uid: str | None = None,
         tasks: Sequence[str] = (),
         include_embedding: bool = False,
+        lane: Lane = DEFAULT_LANE,
     ) -> Prediction:
-        """One scan's prediction for `tasks` (all the card's tasks when empty)."""
+        """One scan's prediction for `tasks` (all the card's tasks when empty), in `lane`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         if not await self.model.is_ready():
@@ -255,16 +294,17 @@ class PredictionService:
         try:
             async with asyncio.timeout_at(deadline):
                 started = time.perf_counter()
-                async with self.admission.slot():
+                async with self.admission.slot(lane):
                     observe("queue", time.perf_counter() - started)
                     with self.batcher.expecting():
-                        scan, image, warnings, seconds = await self.pool.run(
-                            _prepare, str(upload), content_type, series_uid, self.limits
+                        pool = self.bulk_pool if lane is Lane.BULK and self.bulk_pool else self.pool
+                        scan, image, warnings, seconds = await pool.run(
+                            _prepare, str(upload), content_type, series_uid, self.limits, lane=lane
                         )
                         for stage, value in seconds.items():
                             observe(stage, value)
                         started = time.perf_counter()
-                        answer = self.batcher.enqueue(image, deadline, outputs)
+                        answer = self.batcher.enqueue(image, deadline, outputs, lane)
                     rows = await answer
                     observe("infer", time.perf_counter() - started)
         except TimeoutError:

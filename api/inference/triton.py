@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from api import metrics
 from api.inference.batching import BatchAnswer
+from api.inference.lanes import DEFAULT_LANE, Lane
 from api.problems import ProblemCode, ProblemError
 from headct import contract
 from headct.model_card import MODEL_CARD_PARAMETER, InputContract, ModelCard
@@ -63,6 +64,9 @@ class TritonModel:
         self.retry_after_s = retry_after_s
         self._client = grpcclient.InferenceServerClient(url=url, channel_args=_CHANNEL_ARGS)
         self.max_batch_size: int | None = None  # from Triton's model config, once read
+        # Whether the model's dynamic batcher has the lanes' priority levels (config, once read): an older
+        # export has none, and Triton refuses a priority beyond the levels a model has.
+        self.priority_levels = 0
         # The card as last read (None: read it on the next `card()`), or the problem it was refused with.
         self._card: ModelCard | None = None
         self._refused: ProblemError | None = None
@@ -181,6 +185,7 @@ class TritonModel:
         self._check_served_version(card, metadata.get("versions", []))
         # Triton's own limit (what it enforces), not only what the card says.
         self.max_batch_size = int(config.get("max_batch_size", 0) or 0)
+        self.priority_levels = int(config.get("dynamic_batching", {}).get("priority_levels", 0) or 0)
         return card
 
     def _refusal(self, problem: ProblemCode, detail: str, **fields: Any) -> ProblemError:
@@ -251,7 +256,12 @@ class TritonModel:
             )
 
     async def infer_batch(
-        self, batch: np.ndarray, timeout_s: float | None = None, outputs: Sequence[str] = ()
+        self,
+        batch: np.ndarray,
+        timeout_s: float | None = None,
+        outputs: Sequence[str] = (),
+        *,
+        lane: Lane = DEFAULT_LANE,
     ) -> BatchAnswer:
         """Preprocessed scans ([N, 3, 96, 96, 96] float16) → the named outputs, each [N, width], and the
         model version Triton computed them with.
@@ -263,6 +273,9 @@ class TritonModel:
         The gRPC deadline is `timeout_s` (what is left of the callers' request deadline) or the
         inference timeout, whichever is shorter; running out of the first is 504 ``deadline_exceeded``,
         of the second 504 ``inference_timeout``.
+
+        The request's Triton priority is `lane`'s (1 = STAT is queued first) when the model's config has
+        the lanes' priority levels; otherwise the model's default.
         """
         names = list(outputs) or [contract.PROBABILITIES_NAME, contract.EMBEDDING_NAME]
         limit = self.timeout_s if timeout_s is None else max(0.001, min(self.timeout_s, timeout_s))
@@ -277,6 +290,7 @@ class TritonModel:
                 model_version=self.model_version,
                 outputs=[grpcclient.InferRequestedOutput(name) for name in names],
                 client_timeout=limit,
+                priority=lane.triton_priority if self.priority_levels >= contract.PRIORITY_LEVELS else 0,
             )
         except InferenceServerException as error:
             code = _grpc_code(error)

@@ -10,6 +10,13 @@ scan it was running fails with 503 ``preprocessing_worker_lost`` (Retry-After) a
 fresh pool.
 
 `workers=0` runs the same function in a thread of the gateway process instead (tests, debugging).
+
+Jobs reach the executor through a `PriorityGate` of one turn per worker: the executor's own queue is
+FIFO, so jobs wait in the gate instead, where a STAT scan goes before every routine and bulk one
+(`lane_limits` can also keep a lane off some workers). The gateway runs bulk scans in a pool of their
+own whose workers run at a lower CPU priority (`nice`): on a busy node the kernel gives the CPU to a
+STAT scan's preprocessing (and to Triton) first, and bulk takes what is left
+(api/inference/service.py).
 """
 
 from __future__ import annotations
@@ -22,13 +29,15 @@ import multiprocessing.connection
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from threadpoolctl import threadpool_limits
 
+from api.inference.lanes import DEFAULT_LANE, Lane
+from api.inference.priority_gate import PriorityGate
 from api.logging_config import configure_logging
 from api.problems import ProblemCode, ProblemError
 
@@ -65,11 +74,14 @@ def single_threaded_blas() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-def _initialize_worker(log_level: str, log_format: str) -> None:
+def _initialize_worker(log_level: str, log_format: str, nice: int = 0) -> None:
     """Each worker's start: the gateway's log format (no PHI, JSON); deaf to Ctrl-C — a terminal's
     SIGINT reaches the whole process group, but a worker's life is the pool's to end; gone with the
-    gateway; its imports done and BLAS single-threaded before the first scan."""
+    gateway; its CPU priority lowered by `nice` (raising a nice value needs no privilege); its imports
+    done and BLAS single-threaded before the first scan."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
     configure_logging(log_level, log_format)
     _exit_with_parent()
     single_threaded_blas()
@@ -84,13 +96,22 @@ class PreprocessPool:
     """A replaceable process pool for the CPU-bound stages of a prediction."""
 
     def __init__(
-        self, workers: int, *, retry_after_s: int, log_level: str = "INFO", log_format: str = "json"
+        self,
+        workers: int,
+        *,
+        retry_after_s: int,
+        log_level: str = "INFO",
+        log_format: str = "json",
+        nice: int = 0,
+        lane_limits: Mapping[Lane, int] | None = None,
     ) -> None:
         self.workers = workers
         self.retry_after_s = retry_after_s
+        self.nice = nice
         # Spawned workers start with bare logging: give them the gateway's formatter.
-        self._log_config = (log_level, log_format)
+        self._initargs = (log_level, log_format, nice)
         self._executor: Executor | None = None
+        self.gate = PriorityGate(max(1, workers), lane_limits)
         self.generation = 0  # bumped each time a broken pool is replaced (tests, logs)
 
     def _current(self) -> Executor:
@@ -102,7 +123,7 @@ class PreprocessPool:
                     max_workers=self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_initialize_worker,
-                    initargs=self._log_config,
+                    initargs=self._initargs,
                 )
             self.generation += 1
         return self._executor
@@ -134,8 +155,13 @@ class PreprocessPool:
             headers={"Retry-After": str(self.retry_after_s)},
         )
 
-    async def run(self, function: Callable[..., T], *args: Any) -> T:
-        """`function(*args)` in a worker. Cancelling the caller cancels the job if it has not started."""
+    async def run(self, function: Callable[..., T], *args: Any, lane: Lane = DEFAULT_LANE) -> T:
+        """`function(*args)` in a worker, once the lanes before `lane` have had their turn. Cancelling
+        the caller cancels the job if it has not started."""
+        async with self.gate.turn(lane):
+            return await self._submit(function, *args)
+
+    async def _submit(self, function: Callable[..., T], *args: Any) -> T:
         for attempt in (1, 2):
             executor = self._current()
             try:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from api.inference.batching import MicroBatcher
+from api.inference.lanes import DEFAULT_LANE, Lane
 from api.inference.service import outputs_for, result_from
 from export import cli, repository
 from export.checkpoint import load_backbone_checkpoint, save_finetuned
@@ -275,7 +276,9 @@ def test_the_gateway_asks_only_for_the_groups_of_the_requested_tasks(grouped: Pa
 def test_the_batcher_asks_for_the_union_and_answers_each_scan_its_own_outputs() -> None:
     asked: list[list[str]] = []
 
-    async def infer(batch: np.ndarray, timeout_s: float, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    async def infer(
+        batch: np.ndarray, timeout_s: float, outputs: Sequence[str], *, lane: Lane = DEFAULT_LANE
+    ) -> dict[str, np.ndarray]:
         asked.append(list(outputs))
         return {name: np.full((len(batch), 1), i, np.float32) for i, name in enumerate(outputs)}
 
@@ -313,8 +316,11 @@ def test_an_answer_from_another_model_version_is_refused_not_mislabelled(
             super().__init__()
             self.invalidated: list[str] = []
 
-        async def infer_batch(self, batch: Any, timeout_s: float, outputs: Sequence[str] = ()) -> BatchAnswer:
-            return BatchAnswer(await super().infer_batch(batch, timeout_s, outputs), model_version="2")
+        async def infer_batch(
+            self, batch: Any, timeout_s: float, outputs: Sequence[str] = (), *, lane: Lane = DEFAULT_LANE
+        ) -> BatchAnswer:
+            answer = await super().infer_batch(batch, timeout_s, outputs, lane=lane)
+            return BatchAnswer(answer, model_version="2")
 
         def invalidate_card(self, reason: str) -> None:
             self.invalidated.append(reason)

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
 from api.http.dependencies import get_model, get_prediction_service
+from api.inference.lanes import DEFAULT_LANE, Lane
 from api.inference.service import PredictionService
 from api.inference.triton import TritonModel
 from api.ingest import sniff_format
@@ -35,6 +36,7 @@ class FakeModel:
     def __init__(self, ready: bool = True) -> None:
         self.ready = ready
         self.images: list[np.ndarray] = []
+        self.lanes: list[Lane] = []
 
     async def is_ready(self) -> bool:
         return self.ready
@@ -43,8 +45,9 @@ class FakeModel:
         return _card()
 
     async def infer_batch(
-        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = ()
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = (), *, lane: Lane = DEFAULT_LANE
     ) -> dict[str, np.ndarray]:
+        self.lanes.append(lane)
         self.images.extend(batch)
         rows = {
             "probabilities": np.tile(np.array([0.9, 0.1], np.float32), (len(batch), 1)),

@@ -21,6 +21,7 @@ import api.inference.service
 from api import metrics
 from api.inference.admission import Admission
 from api.inference.batching import MicroBatcher
+from api.inference.lanes import DEFAULT_LANE, Lane
 from api.inference.service import PredictionService, _prepare
 from api.inference.workers import PreprocessPool
 from api.lifecycle import Lifecycle
@@ -38,13 +39,15 @@ class Recorder:
 
     def __init__(self, delay_s: float = 0.0, error: Exception | None = None) -> None:
         self.batches: list[int] = []
+        self.lanes: list[Lane] = []
         self.timeouts: list[float] = []
         self.delay_s = delay_s
         self.error = error
 
     async def __call__(
-        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = ()
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = (), *, lane: Lane = DEFAULT_LANE
     ) -> dict[str, np.ndarray]:
+        self.lanes.append(lane)
         self.batches.append(len(batch))
         self.timeouts.append(timeout_s)
         await asyncio.sleep(self.delay_s)
@@ -286,7 +289,7 @@ def test_a_cancelled_waiter_leaves_the_queue() -> None:
         admission = Admission(1, 4, busy_retry_after_s=1, shutdown_retry_after_s=5)
         queue0 = gauge(metrics.QUEUE_DEPTH)
         async with admission.slot():
-            waiter = asyncio.create_task(admission._acquire())
+            waiter = asyncio.create_task(admission._acquire(DEFAULT_LANE))
             await asyncio.sleep(0.01)
             assert admission.queued == 1
             waiter.cancel()
@@ -367,11 +370,11 @@ class SlowModel(FakeModel):
         self.calls = 0
 
     async def infer_batch(
-        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = ()
+        self, batch: np.ndarray, timeout_s: float, outputs: Sequence[str] = (), *, lane: Lane = DEFAULT_LANE
     ) -> dict[str, np.ndarray]:
         self.calls += 1
         await asyncio.sleep(self.delay_s)
-        return await super().infer_batch(batch, timeout_s, outputs)
+        return await super().infer_batch(batch, timeout_s, outputs, lane=lane)
 
 
 def fake_prepare(upload: str, content_type: str, series_uid: str | None, limits: Any = None) -> Any:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 
+from api.auth import ANONYMOUS, keyring
 from api.http.dependencies import PredictionServiceDep, SettingsDep
+from api.inference.lanes import PRIORITY_HEADER, resolve_lane
 from api.inference.service import ScanRequest
 from api.inference.uploads import declared_length
 from api.problems import problem_responses
@@ -53,7 +55,7 @@ def _split(value: str | None) -> list[str]:
     summary="Findings for one head CT scan",
     openapi_extra=_OPENAPI_BODY,
     # Every code a prediction can answer with, per status, from the catalogue (api/problem_codes.py).
-    responses=problem_responses(400, 413, 415, 422, 429, 500, 502, 503, 504),
+    responses=problem_responses(400, 403, 413, 415, 422, 429, 500, 502, 503, 504),
 )
 async def predict(
     request: Request,
@@ -65,7 +67,21 @@ async def predict(
         str | None,
         Query(max_length=64, description="SeriesInstanceUID to read when the upload holds several series"),
     ] = None,
+    priority: Annotated[
+        str | None,
+        Query(
+            max_length=16,
+            description="priority lane: `stat` (emergency: first in every queue), `routine` (default) or "
+            "`bulk` (archives; refused first when busy). Also the `X-HeadCT-Priority` header.",
+        ),
+    ] = None,
+    priority_header: Annotated[
+        str | None, Header(alias=PRIORITY_HEADER, max_length=16, include_in_schema=False)
+    ] = None,
 ) -> PredictResponse:
+    identity = getattr(request.state, "api_key_id", ANONYMOUS)
+    lane = resolve_lane(priority or priority_header, keyring(settings).lanes(identity))
+    request.state.lane = lane.value  # for the access log line
     handled = await service.handle(
         ScanRequest(
             chunks=request.stream(),
@@ -76,6 +92,7 @@ async def predict(
             include=_split(include),
             series_uid=series_uid,
             declared_length=declared_length(request),
+            lane=lane,
         )
     )
     request.state.timings_ms = handled.timings_ms  # for the access log line

@@ -39,6 +39,9 @@ groups:
         expr: histogram_quantile(0.95, sum by (namespace, job, route, le) (rate(headct_request_duration_seconds_bucket{ {{- $G -}} }[5m])))
       - record: headct:request_duration_seconds:p99_rate5m
         expr: histogram_quantile(0.99, sum by (namespace, job, route, le) (rate(headct_request_duration_seconds_bucket{ {{- $G -}} }[5m])))
+      # Per priority lane (stat, routine, bulk), REST and gRPC together: what STAT callers get.
+      - record: headct:prediction_duration_seconds:p95_rate5m
+        expr: histogram_quantile(0.95, sum by (namespace, job, lane, le) (rate(headct_prediction_duration_seconds_bucket{ {{- $G -}} }[5m])))
       - record: headct:stage_duration_seconds:p95_rate5m
         expr: histogram_quantile(0.95, sum by (namespace, job, stage, le) (rate(headct_stage_duration_seconds_bucket{ {{- $G -}} }[5m])))
       - record: headct:predict_requests:rate5m
@@ -160,6 +163,15 @@ groups:
           summary: 'Predict p95 latency is {{`{{ $value | humanizeDuration }}`}}'
           description: 'The 95th percentile of POST /v1/predict latency has been above {{ $th.latencyP95Seconds }} s for 15 minutes.'
           runbook_url: {{ $runbook }}#headctpredictlatencyhigh
+      - alert: HeadCTStatLatencyHigh
+        expr: headct:prediction_duration_seconds:p95_rate5m{ {{- $G -}}, lane="stat"} > {{ $th.statLatencyP95Seconds }}
+        for: 5m
+        labels:
+          {{- include "headct.alertLabels" (dict "ctx" . "severity" "critical" "component" "gateway") | nindent 10 }}
+        annotations:
+          summary: 'STAT prediction p95 latency is {{`{{ $value | humanizeDuration }}`}}'
+          description: 'The 95th percentile of STAT (emergency) prediction latency has been above {{ $th.statLatencyP95Seconds }} s for 5 minutes.'
+          runbook_url: {{ $runbook }}#headctstatlatencyhigh
       - alert: HeadCTTritonQueueBacklog
         expr: avg by (namespace, job) (headct:triton_queue_compute:ratio{ {{- $Tup -}} }) > {{ $th.queueComputeRatio }}
         for: 15m
