@@ -58,13 +58,15 @@ def media_type_for(path: Path) -> str:
     )
 
 
-def zip_directory(directory: Path, target: IO[bytes]) -> int:
+def zip_directory(directory: Path, target: IO[bytes], *, recursive: bool = True) -> int:
     """Zip every regular file under `directory` (recursively, hidden files skipped) into `target`,
     one file at a time from disk. Entry names are only a counter: the gateway ignores them, and the
-    local file names (which may carry patient names) stay on this machine. Returns the file count."""
+    local file names (which may carry patient names) stay on this machine. Returns the file count.
+    ``recursive=False`` takes only the files directly in `directory` (`headct batch`: a series folder's
+    subfolders are scans of their own)."""
     count = 0
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for path in sorted(directory.rglob("*")):
+        for path in sorted(directory.rglob("*") if recursive else directory.iterdir()):
             if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts):
                 archive.write(path, arcname=f"{count:06d}.dcm")
                 count += 1
@@ -72,11 +74,11 @@ def zip_directory(directory: Path, target: IO[bytes]) -> int:
 
 
 @contextlib.contextmanager
-def _body(path: Path) -> Iterator[tuple[IO[bytes], str]]:
+def _body(path: Path, recursive: bool) -> Iterator[tuple[IO[bytes], str]]:
     """The file to send and its content type; a directory becomes a temporary zip, deleted after."""
     if path.is_dir():
         with tempfile.TemporaryFile(prefix="headct-upload-", suffix=".zip") as spool:
-            if zip_directory(path, spool) == 0:
+            if zip_directory(path, spool, recursive=recursive) == 0:
                 raise ValueError(f"{path} holds no files")
             spool.seek(0)
             yield spool, "application/zip"
@@ -98,8 +100,11 @@ def _raise_for_problem(response: httpx.Response) -> None:
 
 
 class HeadCTClient:
-    """Synchronous client. `api_key` is sent as ``X-API-Key``; `timeout` (seconds) covers one request,
-    upload included (a large series on a slow link needs more than the default)."""
+    """Synchronous client, safe to share between threads. `api_key` is sent as ``X-API-Key``; `timeout`
+    (seconds) covers one request, upload included (a large series on a slow link needs more than the
+    default). ``keepalive=False`` opens a connection per request: behind a Kubernetes Service, which
+    balances connections rather than requests, each scan may then land on any pod, new ones included
+    (`headct batch`; a handshake is nothing next to a scan's upload)."""
 
     def __init__(
         self,
@@ -107,10 +112,14 @@ class HeadCTClient:
         api_key: str | None = None,
         timeout: float = 300.0,
         *,
+        keepalive: bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
-        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
+        limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)
+        self._http = httpx.Client(
+            base_url=url, headers=headers, timeout=timeout, limits=limits, transport=transport
+        )
 
     def __enter__(self) -> HeadCTClient:
         return self
@@ -136,8 +145,14 @@ class HeadCTClient:
         include_embedding: bool = False,
         *,
         series_uid: str | None = None,
+        priority: str | None = None,
+        recursive: bool = True,
     ) -> dict[str, Any]:
-        """`POST /v1/predict` with one scan: a file, or a directory of one series' DICOM files."""
+        """`POST /v1/predict` with one scan: a file, or a directory of one series' DICOM files.
+
+        `priority` is the gateway's lane (``stat``, ``routine`` or ``bulk``; None sends none and the
+        gateway applies its default): cohort jobs send ``bulk`` so that they queue behind clinical
+        scans. ``recursive=False`` uploads only the files directly in a directory."""
         path = Path(path_or_dir)
         params: dict[str, str] = {}
         if tasks:
@@ -146,7 +161,9 @@ class HeadCTClient:
             params["include"] = "embedding"
         if series_uid:
             params["series_uid"] = series_uid
-        with _body(path) as (body, media_type):
+        if priority:
+            params["priority"] = priority
+        with _body(path, recursive) as (body, media_type):
             # A file object is streamed by httpx in chunks, with Content-Length from its size.
             response = self._http.post(
                 "/v1/predict", content=body, params=params, headers={"Content-Type": media_type}
