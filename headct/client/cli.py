@@ -6,7 +6,7 @@
     headct batch /archive --out results.parquet [--embeddings] [--concurrency 4]
 
 `headct batch` scores a folder tree or CSV manifest into one Parquet / CSV row per scan, resumably
-(see headct/client/batch.py); its exit codes: 0 every scan scored or refused (the refusals recorded),
+(see headct/client/batch/); its exit codes: 0 every scan scored or refused (the refusals recorded),
 1 some failed after retries or a problem stopped the run, 2 usage, 3 unreachable, 130 interrupted.
 
 The API key comes from ``--api-key`` or the ``HEADCT_API_KEY`` environment variable (prefer the

@@ -1,4 +1,4 @@
-"""`headct batch` (headct/client/batch.py) against an httpx MockTransport: discovery of a tree and a
+"""`headct batch` (headct/client/batch/) against an httpx MockTransport: discovery of a tree and a
 manifest, retries that honour Retry-After, refusals and run-stopping problems, the journal, resume,
 the embedding column and the CSV output."""
 
@@ -20,23 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from headct.client import HeadCTClient, cli
-from headct.client.batch import (
-    BatchOptions,
-    InputError,
-    Journal,
-    RetryPolicy,
-    RunAborted,
-    Scan,
-    discover,
-    discover_tree,
-    fold,
-    journal_path,
-    parse_retry_after,
-    read_manifest,
-    read_output,
-    run_batch,
-    score_scan,
-)
+from headct.client.batch.discovery import InputError, Scan, discover, discover_tree, read_manifest
+from headct.client.batch.journal import Journal, fold, journal_path
+from headct.client.batch.retry import RetryPolicy, parse_retry_after
+from headct.client.batch.runner import BatchOptions, RunAborted, run_batch, score_scan
+from headct.client.batch.table import read_output
 
 DIM = 4
 MODEL = {"name": "fmhct", "version": "demo-1", "sha256": "b" * 64}
@@ -328,14 +316,16 @@ def test_interrupted_run_resumes_without_scoring_twice(tmp_path: Path) -> None:
     code, err = run(tmp_path, first, concurrency=1)
     assert code == 130 and "interrupted" in err
     done = {row["scan_id"]: row for row in read_output(tmp_path / "results.parquet", "parquet")}
-    assert len(done) == 3  # the 4th request was the Ctrl-C
+    # The 4th request was the Ctrl-C; the next scan, queued behind it, may already have been running
+    # on the worker thread: its answer is kept too.
+    assert len(done) in (3, 4) and "e/down.nii" not in done
     second = Gateway(busy_times=0)
     code, err = run(tmp_path, second)
     assert code == 1 and "failed 1 (model_unavailable 1)" in err  # e/down.nii: 503 after 3 retries
-    assert "7 scans, 3 already done; scoring 4" in err
+    assert f"7 scans, {len(done)} already done; scoring {7 - len(done)}" in err
     rows = {row["scan_id"]: row for row in read_output(tmp_path / "results.parquet", "parquet")}
     assert len(rows) == 7 and all(rows[s] == row for s, row in done.items())  # kept, not scored again
-    assert len(second.requests) == 4 - 1 + 4  # e/down.nii tried 4 times
+    assert len(second.requests) == (7 - len(done)) - 1 + 4  # e/down.nii tried 4 times
     third = Gateway(busy_times=0)
     code, err = run(tmp_path, third)
     assert code == 1 and [r.url.path for r in third.requests] == ["/v1/predict"] * 4  # only the failed one
