@@ -22,6 +22,8 @@ CONTRACT_KEYS = (
     "preprocess_max_abs_prob_delta",
     "gateway_peak_rss_mb",
     "stat_latency_ratio",
+    "dicom_zip_cpu_s",
+    "nifti_gz_cpu_s",
 )
 
 
@@ -99,6 +101,19 @@ TARGETS: tuple[Target, ...] = (
         "p50 of STAT scans (NIfTI.gz, one at a time) while bulk clients 4x the gateway's in-flight slots "
         "saturate it ÷ p50 of the same STAT scans on the idle gateway (benchmarks/lanes.py); STAT must "
         "also get 0 refusals.",
+    ),
+    Target(
+        "dicom_zip_cpu_s",
+        "<=",
+        0.35,
+        "CPU seconds on one core to decode + validate + preprocess a 1 mm 512x512x200 head sent as a DICOM "
+        "zip with deflated members (benchmarks/scan_cpu.py; the stored-member zip is in its table).",
+    ),
+    Target(
+        "nifti_gz_cpu_s",
+        "<=",
+        0.25,
+        "The same for the same head as NIfTI.gz.",
     ),
 )
 
@@ -300,6 +315,32 @@ class Lanes:
 
 
 @dataclass(frozen=True)
+class ScanCpu:
+    """CPU per scan by input kind, the decoding levers and the physical limits (benchmarks/scan_cpu.py)."""
+
+    input: str | None
+    per_kind: dict[str, Any]
+    levers: dict[str, Any]
+    limits: dict[str, Any]
+    decoded_mb_s_per_core: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: JsonObject) -> ScanCpu:
+        return _read(
+            cls,
+            data,
+            per_kind=data.get("per_kind") or {},
+            levers=data.get("levers") or {},
+            limits=data.get("limits") or {},
+            decoded_mb_s_per_core=data.get("decoded_mb_s_per_core") or {},
+        )
+
+    def cpu_s(self, kind: str) -> float | None:
+        row = self.per_kind.get(kind) or {}
+        return row.get("cpu_s")
+
+
+@dataclass(frozen=True)
 class PerfRow:
     """One perf_analyzer concurrency level (the columns REPORT.md shows, in its order)."""
 
@@ -413,6 +454,7 @@ class BenchResults:
     preprocess: Preprocess
     runtimes: Runtimes | None
     lanes: Lanes | None
+    scan_cpu: ScanCpu | None
 
     @classmethod
     def from_json(cls, results: JsonObject) -> BenchResults:
@@ -434,6 +476,7 @@ class BenchResults:
             preprocess=Preprocess.from_json(results.get("preprocess")),
             runtimes=section("runtimes", Runtimes.from_json),
             lanes=section("lanes", Lanes.from_json),
+            scan_cpu=section("scan_cpu", ScanCpu.from_json),
         )
 
     def latency_runs(self) -> list[LoadRun]:
@@ -471,6 +514,8 @@ def _figures(res: BenchResults) -> dict[str, Any]:
         "preprocess_max_abs_prob_delta": pre.preprocess_max_abs_prob_delta,
         "gateway_peak_rss_mb": mem.peak_rss_mb if mem else None,
         "stat_latency_ratio": res.lanes.stat_latency_ratio if res.lanes else None,
+        "dicom_zip_cpu_s": res.scan_cpu.cpu_s("dicom_zip_deflated") if res.scan_cpu else None,
+        "nifti_gz_cpu_s": res.scan_cpu.cpu_s("nifti_gz") if res.scan_cpu else None,
     }
 
 
@@ -869,6 +914,43 @@ def _lanes_section(lanes: Lanes) -> list[str]:
     ]
 
 
+def _scan_cpu_section(cpu: ScanCpu) -> list[str]:
+    kinds = [
+        [
+            kind,
+            row.get("file_mb"),
+            row.get("cpu_s"),
+            _fmt(row.get("target_s")),
+            row.get("status") or "—",
+            _stage_list({k: 1000 * v for k, v in (row.get("stages_s") or {}).items()}),
+            cpu.decoded_mb_s_per_core.get(kind),
+        ]
+        for kind, row in cpu.per_kind.items()
+    ]
+    levers = [
+        [name, lever.get("before_s"), lever.get("after_s"), lever.get("speedup")]
+        for name, lever in cpu.levers.items()
+    ]
+    limits = cpu.limits
+    return [
+        "",
+        "## CPU per scan, by input kind",
+        "",
+        f"Input `{cpu.input}`; decode + validate + preprocess in one process with BLAS single-threaded, "
+        "as a preprocessing worker runs it; median CPU seconds (benchmarks/scan_cpu.py).",
+        "",
+        *_table(["input", "file MB", "CPU s", "target", "status", "stages (ms)", "decoded MB/s"], kinds),
+        "",
+        "Decoding levers, old way vs new way on the same bytes (CPU s per scan):",
+        "",
+        *_table(["lever", "before", "after", "speed-up"], levers),
+        "",
+        f"Physical limits on this core for the {_fmt(limits.get('pixels_mb'))} MB of int16 pixels: memcpy "
+        f"{_fmt(limits.get('memcpy_mb_s'))} MB/s, zlib inflate {_fmt(limits.get('zlib_inflate_mb_s'))} MB/s, "
+        f"ISA-L inflate {_fmt(limits.get('isal_inflate_mb_s'))} MB/s.",
+    ]
+
+
 def render_markdown(results: JsonObject, notes: dict[str, str] | None = None) -> str:
     res = BenchResults.from_json(results)
     lines = _header_section(res) + _targets_section(res, notes)
@@ -888,6 +970,8 @@ def render_markdown(results: JsonObject, notes: dict[str, str] | None = None) ->
         lines += _memory_section(res.memory)
     if res.lanes:
         lines += _lanes_section(res.lanes)
+    if res.scan_cpu:
+        lines += _scan_cpu_section(res.scan_cpu)
     lines += ["", "## Stage breakdown", "", "![stages](stage_breakdown.png)"]
     lines += _perf_analyzer_section(res.perf_analyzer) + _preprocess_section(res.preprocess)
     if res.runtimes:

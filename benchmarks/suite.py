@@ -18,7 +18,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 
 from api.inference.workers import single_threaded_blas
-from benchmarks import direct, inputs, lanes, load, memory, perf_analyzer, runtimes
+from benchmarks import direct, inputs, lanes, load, memory, perf_analyzer, runtimes, scan_cpu
 from benchmarks.config import BenchConfig
 from benchmarks.cpu import CpuMeter, busy_fraction, machine_cpu_ticks
 from benchmarks.stack import Gateway, GatewayOptions, start_gateway, start_triton
@@ -454,6 +454,8 @@ def run(
         for gateway in gateways.values():
             gateway.server.stop()
         triton.stop()
+    log("CPU per scan by input kind, decoding levers, physical limits (benchmarks.scan_cpu)")
+    results["scan_cpu"] = scan_cpu.run(quick=cfg.mode == "quick")
     log("preprocessing: production vs MONAI reference (benchmarks.preprocess_bench)")
     results["preprocess"] = _preprocess_bench(quick=cfg.mode == "quick")
     log("ONNX Runtime vs PyTorch eager")

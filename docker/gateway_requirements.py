@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Only for `make serve`/`make test`'s embedded tritonserver (its binary and the Python-backend model):
 # the gateway talks to a separate Triton over gRPC.
-# And the `headct batch` cohort client's table and progress bar (headct/client/batch.py), which runs on
+# And the `headct batch` cohort client's table and progress bar (headct/client/batch/), which runs on
 # the caller's machine.
 EXCLUDED = {"nvidia-pytriton", "onnxruntime", "pyarrow", "rich"}
 # Never in the gateway image, whatever pyproject says (the gateway does not import them).

@@ -35,7 +35,8 @@ def decode_dicom(
     source: MemberSource, *, series_uid: str | None, limits: IngestLimits, scratch: Path
 ) -> DecodedScan:
     """Headers of all members -> series selection -> header rules -> geometry -> pixels."""
-    headers, skipped = dicom.read_headers(source)
+    parsed = dicom.ParsedMembers()
+    headers, skipped = dicom.read_headers(source, parsed)
     if not headers:
         raise unreadable(
             "DICOM",
@@ -78,7 +79,7 @@ def decode_dicom(
                 "an orthogonal grid (in the 1 mm resample of preprocessing)",
             )
         )
-    volume = dicom.assemble(source, series, geometry, limits, scratch)
+    volume = dicom.assemble(source, series, geometry, limits, scratch, parsed)
     spacing = first.pixel_spacing or (0.0, 0.0)
     return DecodedScan(
         volume=volume,

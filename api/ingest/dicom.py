@@ -1,11 +1,14 @@
 """DICOM CT: headers of every instance in an upload, then the pixels of the chosen series -> `Volume`.
 
-Two passes over the files, so memory stays bounded by the decoded volume:
+Two passes, each member read and parsed once:
 
-1. **headers** (`read_headers`): each member is parsed only up to its pixel data and only for a
-   whitelist of tags (`HEADER_TAGS`); an Enhanced / Legacy Enhanced CT multi-frame object becomes one
-   `InstanceHeader` per frame (per-frame functional groups first, shared ones as fallback).
-   Files that are not DICOM (README, DICOMDIR, ``.DS_Store``) are skipped and counted.
+1. **headers** (`read_headers`): each member is read whole (a zip member inflated once) and parsed
+   for a whitelist of tags (`HEADER_TAGS`) and its pixel data (`PIXEL_TAGS`); an Enhanced / Legacy
+   Enhanced CT multi-frame object becomes one `InstanceHeader` per frame (per-frame functional groups
+   first, shared ones as fallback). Files that are not DICOM (README, DICOMDIR, ``.DS_Store``) are
+   skipped and counted. The parsed datasets are kept (`ParsedMembers`) up to a byte budget for the
+   pixel pass; members beyond it, and members too large to read whole, are parsed up to their pixel
+   data only and read again in the pixel pass.
 2. **pixels** (`assemble`), for the selected series only: after the geometry checks pass, each
    slice is decoded (pydicom with the pylibjpeg / pyjpegls plugins: JPEG Lossless, JPEG baseline /
    extended, JPEG-LS, JPEG 2000, HTJ2K, RLE, deflated, native) and converted to HU with its own
@@ -22,11 +25,13 @@ documents the missing-slice / non-uniform-spacing tolerance and the gantry-tilt 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal, overload
@@ -47,7 +52,7 @@ from pydicom.uid import (
 )
 
 from api.ingest.errors import too_large, unreadable
-from api.ingest.members import MemberSource
+from api.ingest.members import IN_MEMORY_MEMBER_BYTES, MemberSource
 from api.ingest.scan import AcquisitionText, IngestLimits, ScanWarning
 from api.ingest.sniff import looks_like_dicom
 from api.problems import ProblemCode, ProblemError
@@ -123,6 +128,9 @@ PIXEL_TAGS: Final = [
     "ExtendedOffsetTableLengths",
     "PixelData",
 ]
+_HEADER_AND_PIXEL_TAGS: Final = list(dict.fromkeys([*HEADER_TAGS, *PIXEL_TAGS]))
+#: Parsed members (their pixel bytes) kept from the header pass for the pixel pass, at most.
+PARSED_MEMBERS_BUDGET_BYTES: Final = 1 << 30
 _REDACTED: Final = "[redacted]"
 #: Tolerance for "the same PixelSpacing" between slices of a series (mm).
 PIXEL_SPACING_TOL_MM: Final = 1e-3
@@ -317,46 +325,86 @@ def _headers_of(ds: Dataset, member: int, identifiers: set[str]) -> list[Instanc
     return headers
 
 
-def read_headers(source: MemberSource) -> tuple[list[InstanceHeader], int]:
-    """Headers of every DICOM image plane in `source`, and how many members were skipped."""
+class ParsedMembers:
+    """Datasets parsed with their pixel data in the header pass, kept for the pixel pass while their
+    pixel bytes fit in `budget_bytes` (the decoded volume is twice as large again as float32)."""
+
+    def __init__(self, budget_bytes: int = PARSED_MEMBERS_BUDGET_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        self.kept_bytes = 0
+        self._datasets: dict[int, Dataset] = {}
+
+    def keep(self, member: int, ds: Dataset, size: int) -> bool:
+        if self.kept_bytes + size > self.budget_bytes:
+            return False
+        self._datasets[member] = ds
+        self.kept_bytes += size
+        return True
+
+    def take(self, member: int) -> Dataset | None:
+        return self._datasets.pop(member, None)
+
+
+def read_headers(
+    source: MemberSource, parsed: ParsedMembers | None = None
+) -> tuple[list[InstanceHeader], int]:
+    """Headers of every DICOM image plane in `source`, and how many members were skipped; the
+    datasets `parsed` keeps spare the pixel pass a second read."""
     try:
-        return _read_headers(source)
+        return _read_headers(source, parsed or ParsedMembers(0))
     except (zipfile.BadZipFile, zlib.error) as error:
         # A zip member's deflate stream or CRC is corrupt: zipfile raises these while the member is
         # *read*, not when it is opened; the archive itself is broken (400, never a 500).
         raise unreadable("zip", error) from error
 
 
-def _read_headers(source: MemberSource) -> tuple[list[InstanceHeader], int]:
+def _parse_member(source: MemberSource, member: int, parsed: ParsedMembers) -> Dataset | None:
+    """The member's dataset (None: not DICOM). A small member is read whole and parsed once, with its
+    pixel data (kept in `parsed` while the budget lasts); a large one only up to its pixel data."""
+    whole = source.size(member) <= IN_MEMORY_MEMBER_BYTES
+    data = source.read(member) if whole else source.head(member, 132)
+    if not looks_like_dicom(data[:132]):
+        return None
+    force = data[128:132] != b"DICM"
+    try:
+        if whole:
+            ds = pydicom.dcmread(io.BytesIO(data), specific_tags=_HEADER_AND_PIXEL_TAGS, force=force)
+            if not parsed.keep(member, ds, len(data)) and "PixelData" in ds:
+                del ds.PixelData  # over the budget: the pixel pass reads the member again
+            return ds
+        with source.open(member) as handle:
+            return pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=force)
+    except ProblemError:
+        raise
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _read_headers(source: MemberSource, parsed: ParsedMembers) -> tuple[list[InstanceHeader], int]:
     headers: list[InstanceHeader] = []
     skipped = 0
     for member in range(source.count()):
-        head = source.head(member, 132)
-        if not looks_like_dicom(head):
+        ds = _parse_member(source, member, parsed)
+        found = _image_headers(ds, member) if ds is not None else None
+        if found is None:
+            parsed.take(member)  # nothing of it will be decoded: free its pixels now
             skipped += 1
             continue
-        try:
-            with source.open(member) as handle:
-                ds = pydicom.dcmread(
-                    handle, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=head[128:132] != b"DICM"
-                )
-        except ProblemError:
-            raise
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
-            skipped += 1
-            continue
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
-            skipped += 1
-            continue
-        if "SOPClassUID" not in ds:
-            skipped += 1
-            continue
-        try:
-            headers.extend(_headers_of(ds, member, _identifier_words(ds)))
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
-            skipped += 1
+        headers.extend(found)
     return headers, skipped
+
+
+def _image_headers(ds: Dataset, member: int) -> list[InstanceHeader] | None:
+    """The image planes of one parsed member; None for a DICOMDIR, a non-image or broken header."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+        return None
+    if "SOPClassUID" not in ds:
+        return None
+    try:
+        return _headers_of(ds, member, _identifier_words(ds))
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+        return None
 
 
 # ---- pixel pass ----------------------------------------------------------------------------------
@@ -480,7 +528,11 @@ def _read_pixels(handle: Any, frames: list[int] | None) -> Iterable[np.ndarray]:
         if part10:
             yield from iter_pixels(handle, indices=frames)
             return
-    ds = pydicom.dcmread(handle, specific_tags=PIXEL_TAGS, force=True)
+    yield from _dataset_pixels(pydicom.dcmread(handle, specific_tags=PIXEL_TAGS, force=True), frames)
+
+
+def _dataset_pixels(ds: Dataset, frames: list[int] | None) -> Iterable[np.ndarray]:
+    """Stored pixel values from a dataset read with its pixel data (all of it, or the listed frames)."""
     if "PixelData" not in ds:
         raise unreadable("DICOM", "an instance of the series has no pixel data")
     if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
@@ -493,14 +545,29 @@ def _read_pixels(handle: Any, frames: list[int] | None) -> Iterable[np.ndarray]:
     yield from iter_pixels(ds, indices=frames)
 
 
+@contextlib.contextmanager
+def _member_pixels(
+    source: MemberSource, member: int, frames: list[int] | None, scratch: Path, parsed: ParsedMembers | None
+) -> Iterator[Iterable[np.ndarray]]:
+    """The member's planes: from its dataset kept by the header pass, or read from the member again."""
+    ds = parsed.take(member) if parsed is not None else None
+    if ds is not None and "PixelData" in ds:
+        yield _dataset_pixels(ds, frames)
+        return
+    with source.seekable(member, scratch) as handle:
+        yield _read_pixels(handle, frames)
+
+
 def assemble(
     source: MemberSource,
     headers: list[InstanceHeader],
     geometry: StackGeometry,
     limits: IngestLimits,
     scratch: Path,
+    parsed: ParsedMembers | None = None,
 ) -> Volume:
-    """Decode the series' pixels into a float32 HU `Volume` laid out by `geometry`."""
+    """Decode the series' pixels into a float32 HU `Volume` laid out by `geometry` (from the datasets
+    the header pass kept in `parsed`, else by reading the members again)."""
     first = headers[0]
     rows, columns = int(first.rows or 0), int(first.columns or 0)
     n = len(headers)
@@ -523,8 +590,8 @@ def assemble(
                 raise unreadable("DICOM", "an instance mixes framed and unframed image planes")
             frame_numbers = [frame for frame, _ in numbered] if numbered else None
             targets = [i for _, i in numbered] if numbered else indices
-            with source.seekable(member, scratch) as handle:
-                for index, pixels in zip(targets, _read_pixels(handle, frame_numbers), strict=True):
+            with _member_pixels(source, member, frame_numbers, scratch, parsed) as planes:
+                for index, pixels in zip(targets, planes, strict=True):
                     if pixels.shape != (rows, columns):
                         raise unreadable("DICOM", f"decoded pixel data has shape {pixels.shape}")
                     header = headers[index]

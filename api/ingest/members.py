@@ -12,7 +12,8 @@ A `MemberSource` gives indexed access to the files inside; nothing is extracted 
   size of one part; the total is already bounded by the upload limit.
 
 Memory stays bounded: a member is read into memory only when it is small (one DICOM slice);
-large members (a multi-frame object) are copied to a temporary file first.
+large members (a multi-frame object) are copied to a temporary file first. A zip member read whole
+(`read`) is inflated in one call by ISA-L (api/ingest/inflate.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Final, Self
 from python_multipart.multipart import MultipartParser
 
 from api.ingest.errors import payload_too_large, unreadable
+from api.ingest.inflate import read_member
 from api.ingest.scan import IngestLimits
 from api.problems import ProblemError
 
@@ -68,12 +70,16 @@ class MemberSource:
         with self.open(index) as handle:
             return handle.read(size)
 
+    def read(self, index: int) -> bytes:
+        """The whole member (call it for members up to `IN_MEMORY_MEMBER_BYTES`)."""
+        with self.open(index) as handle:
+            return handle.read()
+
     @contextlib.contextmanager
     def seekable(self, index: int, scratch: Path) -> Iterator[IO[bytes]]:
         """The member as a seekable binary file: in memory when small, else copied under `scratch`."""
         if self.size(index) <= IN_MEMORY_MEMBER_BYTES:
-            with self.open(index) as handle:
-                yield io.BytesIO(handle.read())
+            yield io.BytesIO(self.read(index))
             return
         with tempfile.NamedTemporaryFile(dir=scratch, prefix="member-") as copy, self.open(index) as handle:
             shutil.copyfileobj(handle, copy, _CHUNK)
@@ -121,6 +127,7 @@ class ZipSource(MemberSource):
             infos = self._zip.infolist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
             raise unreadable("zip", error) from error
+        self._handle = path.open("rb")  # for `read`: whole members, without zipfile's stream
         self._infos = [info for info in infos if not info.is_dir()]
         try:
             if len(self._infos) > limits.max_members:
@@ -140,11 +147,12 @@ class ZipSource(MemberSource):
             if any(info.flag_bits & 0x1 for info in self._infos):
                 raise unreadable("zip", "the archive is encrypted")
         except ProblemError:
-            self._zip.close()
+            self.close()
             raise
 
     def close(self) -> None:
         self._zip.close()
+        self._handle.close()
 
     def count(self) -> int:
         return len(self._infos)
@@ -155,6 +163,12 @@ class ZipSource(MemberSource):
     def open(self, index: int) -> IO[bytes]:
         try:
             return self._zip.open(self._infos[index])
+        except (zipfile.BadZipFile, NotImplementedError, OSError, ValueError, RuntimeError) as error:
+            raise unreadable("zip", error) from error
+
+    def read(self, index: int) -> bytes:
+        try:
+            return read_member(self._zip, self._handle, self._infos[index])
         except (zipfile.BadZipFile, NotImplementedError, OSError, ValueError, RuntimeError) as error:
             raise unreadable("zip", error) from error
 

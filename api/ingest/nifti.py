@@ -9,12 +9,13 @@ has no modality tag; validation checks that they look like HU).
 
 from __future__ import annotations
 
-import gzip
 import struct
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
 from nibabel.fileholders import FileHolder
 
 from api.ingest.errors import not_3d, too_large, unreadable
@@ -43,9 +44,19 @@ def _raw_pixdim(header: bytes) -> tuple[float, float, float]:
     return (float(values[0]), float(values[1]), float(values[2]))
 
 
+def _voxels_float32(proxy: Any) -> np.ndarray:
+    """The voxels as float32, equal to ``np.array(proxy, dtype=np.float32)``. Without scaling (slope 1,
+    intercept 0: nearly every CT) that is the stored array cast, 3x cheaper than nibabel's generic
+    scaled read (0.22 vs 0.66 s for 512x512x200 int16 here); with scaling, nibabel's own path."""
+    if float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0:
+        return np.asarray(proxy.get_unscaled()).astype(np.float32)
+    return np.array(proxy, dtype=np.float32, copy=True)
+
+
 def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan:
     """Decode one NIfTI file from disk (gzip streamed, never fully in memory as bytes)."""
-    opener = gzip.open if gzipped else open
+    # ISA-L's gzip reader: a drop-in for gzip.open (streamed, CRC and size checked), 2-3x faster.
+    opener = igzip.open if gzipped else open
     warnings: list[ScanWarning] = []
     try:
         with opener(path, "rb") as handle:
@@ -64,7 +75,7 @@ def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan
             voxels = int(np.prod(spatial, dtype=np.int64))
             if voxels > limits.max_voxels:
                 raise too_large(spatial, limits.max_voxels)
-            data = np.array(image.dataobj, dtype=np.float32, copy=True).reshape(spatial, order="A")
+            data = _voxels_float32(image.dataobj).reshape(spatial, order="A")
             affine = np.asarray(image.affine, dtype=np.float64)
             header = image.header
             zooms = tuple(float(z) for z in header.get_zooms()[:3])

@@ -29,11 +29,29 @@ def _results(overhead: float | None, rss: float) -> dict:
         "preprocess": {"preprocess_speedup": 25.0, "preprocess_max_abs_prob_delta": 0.02},
         "memory": {"peak_rss_mb": rss, "input": "head-thin"},
         "perf_analyzer": {"skipped": "not installed"},
+        "scan_cpu": {
+            "input": "head-1mm", "levers": {"gzip": {"before_s": 0.3, "after_s": 0.1, "speedup": 3.0}},
+            "limits": {"pixels_mb": 104.9, "memcpy_mb_s": 2000.0},
+            "per_kind": {
+                "dicom_zip_deflated": {"cpu_s": 0.6, "target_s": 0.35, "status": "MISS",
+                                       "stages_s": {"decode": 0.4}},
+                "nifti_gz": {"cpu_s": 0.2, "target_s": 0.25, "status": "pass", "stages_s": {"decode": 0.1}},
+            },
+        },
         "lanes": {
             "input": "head-5mm", "bulk_factor": 4, "stat_latency_ratio": 1.2, "stat_p99_ratio": 1.6,
             "no_lanes_latency_ratio": 7.3, "stat_refused": 0,
             "idle": {"bulk_clients": 0, "probes": {"answered": 8, "refused": {}, "latency": LATENCY}},
-            "lanes": {"bulk_clients": 16, "bulk_scans_per_s": 3.1,
+            "scan_cpu": {
+            "input": "head-1mm", "levers": {"gzip": {"before_s": 0.3, "after_s": 0.1, "speedup": 3.0}},
+            "limits": {"pixels_mb": 104.9, "memcpy_mb_s": 2000.0},
+            "per_kind": {
+                "dicom_zip_deflated": {"cpu_s": 0.6, "target_s": 0.35, "status": "MISS",
+                                       "stages_s": {"decode": 0.4}},
+                "nifti_gz": {"cpu_s": 0.2, "target_s": 0.25, "status": "pass", "stages_s": {"decode": 0.1}},
+            },
+        },
+        "lanes": {"bulk_clients": 16, "bulk_scans_per_s": 3.1,
                       "probes": {"answered": 8, "refused": {}, "latency": LATENCY,
                                  "stage_p50_ms": {"queue": 0.0, "preprocess": 120.0}}},
             "no_lanes": {"bulk_clients": 16, "probes": {"answered": 2, "refused": {"gateway_busy": 6}}},
@@ -50,6 +68,8 @@ def test_targets_pass_miss_and_not_measured() -> None:
         "preprocess_max_abs_prob_delta": "MISS",
         "gateway_peak_rss_mb": "pass",
         "stat_latency_ratio": "pass",
+        "dicom_zip_cpu_s": "MISS",
+        "nifti_gz_cpu_s": "pass",
     }
     assert report.summary(_results(overhead=None, rss=3000.0))["targets"]["gateway_overhead_ratio"] == "n/a"
     assert report.summary(_results(overhead=1.0, rss=3000.0))["targets"]["gateway_peak_rss_mb"] == "MISS"
@@ -58,6 +78,7 @@ def test_targets_pass_miss_and_not_measured() -> None:
 def test_the_report_shows_stat_under_bulk_saturation() -> None:
     text = report.render_markdown(_results(overhead=1.1, rss=900.0))
     assert "## STAT under bulk saturation (priority lanes)" in text
+    assert "| gzip | 0.300 | 0.100 | 3.000 |" in text and "## CPU per scan, by input kind" in text
     assert "| bulk saturation, no lanes (all routine) | 16 | 2 | gateway_busy 6 |" in text
     assert report.summary(_results(overhead=1.1, rss=900.0))["stat_latency_ratio"] == 1.2
 

@@ -1,0 +1,244 @@
+"""CPU per scan: decode + validate + preprocess of one thin-slice head, per input kind, on one core,
+beside the physical limits and each decoding lever measured old way vs new way on the same bytes.
+
+    python -m benchmarks.scan_cpu [--quick]      # JSON on stdout; `make bench` runs it as `scan_cpu`
+
+Input: a synthetic 1 mm head, 512x512x200 (quick mode: the same head, fewer repeats), as a DICOM zip
+with deflated members, the same zip with stored members, NIfTI.gz, raw NIfTI
+and gzip NRRD. Each kind runs the worker's function (`api.inference.service._prepare`) in this process
+with BLAS single-threaded, as a preprocessing worker does; the figure is the median of the repeats'
+CPU seconds (``process_time``: the one-core cost, steady on a shared machine).
+
+Levers (same bytes, side by side, median CPU seconds per scan):
+
+- ``zip_inflate``: zipfile's streaming zlib reader (before) vs one ISA-L call per member
+  (`api.ingest.inflate.read_member`);
+- ``dicom_parse``: headers parsed up to the pixel data, then the member read again for its pixels
+  (before) vs one parse with the pixel data (`api.ingest.dicom.ParsedMembers`);
+- ``gzip``: `gzip.open` (before) vs ISA-L's `igzip.open`, reading the whole .nii.gz;
+- ``nifti_voxels``: nibabel's scaled read ``np.array(proxy, float32)`` (before) vs the stored array
+  cast (`api.ingest.nifti._voxels_float32`), for an unscaled int16 volume.
+
+Limits: MB/s of pixels for a memcpy of the volume's int16 pixels, zlib and ISA-L inflate of them.
+
+SYNTHETIC DATA - NOT FOR CLINICAL USE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import statistics
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from benchmarks import inputs
+from benchmarks.config import ScanSpec
+
+THIN_1MM: Final = ScanSpec("head-1mm", (512, 512, 200), (0.45, 0.45, 1.0))
+CONTENT_TYPES: Final = {
+    "dicom_zip_deflated": "application/zip",
+    "dicom_zip_stored": "application/zip",
+    "nifti_gz": "application/octet-stream",
+    "nifti_raw": "application/octet-stream",
+    "nrrd": "application/octet-stream",
+}
+#: Issue targets (CPU seconds per scan on one core).
+TARGETS_S: Final = {"dicom_zip_deflated": 0.35, "dicom_zip_stored": 0.35, "nifti_gz": 0.25}
+
+
+def _cpu(function: Callable[[], Any], repeats: int) -> float:
+    """Median CPU seconds of `function` over `repeats` runs, after one warm-up run."""
+    function()
+    samples = []
+    for _ in range(repeats):
+        started = time.process_time()
+        function()
+        samples.append(time.process_time() - started)
+    return round(statistics.median(samples), 4)
+
+
+def _stored_copy(deflated: Path) -> Path:
+    """The same DICOM zip with stored (uncompressed) members, written once beside it."""
+    path = deflated.with_name(deflated.stem + "-stored.zip")
+    if not path.is_file():
+        tmp = path.with_suffix(".tmp")
+        with zipfile.ZipFile(deflated) as source, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as target:
+            for info in source.infolist():
+                target.writestr(info.filename, source.read(info))
+        tmp.replace(path)
+    return path
+
+
+def input_files(spec: ScanSpec) -> dict[str, Path]:
+    from benchmarks.preprocess_bench import _nrrd_copy
+
+    files = inputs.ensure_scan(spec)
+    return {
+        "dicom_zip_deflated": files.dicom_zip,
+        "dicom_zip_stored": _stored_copy(files.dicom_zip),
+        "nifti_gz": files.nifti_gz,
+        "nifti_raw": files.nifti_raw,
+        "nrrd": _nrrd_copy(files),
+    }
+
+
+def per_kind(files: dict[str, Path], repeats: int) -> dict[str, Any]:
+    """CPU seconds per scan of decode + validate + preprocess, and the stages of the last run."""
+    from api.inference.service import _prepare
+
+    out: dict[str, Any] = {}
+    for kind, path in files.items():
+        stages: dict[str, float] = {}
+
+        def once(path: Path = path, kind: str = kind, stages: dict[str, float] = stages) -> None:
+            stages.update(_prepare(str(path), CONTENT_TYPES[kind], None)[3])
+
+        cpu = _cpu(once, repeats)
+        target = TARGETS_S.get(kind)
+        out[kind] = {
+            "cpu_s": cpu,
+            "stages_s": {stage: round(seconds, 4) for stage, seconds in stages.items()},
+            "target_s": target,
+            "status": None if target is None else ("pass" if cpu <= target else "MISS"),
+            "file_mb": round(path.stat().st_size / 1e6, 1),
+        }
+    return out
+
+
+def _zip_inflate(path: Path, repeats: int) -> dict[str, float]:
+    from api.ingest.inflate import read_member
+
+    def zipfile_stream() -> None:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    member.read()
+
+    def isal_whole() -> None:
+        with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
+            for info in archive.infolist():
+                read_member(archive, handle, info)
+
+    return {"before_s": _cpu(zipfile_stream, repeats), "after_s": _cpu(isal_whole, repeats)}
+
+
+def _dicom_parse(path: Path, repeats: int) -> dict[str, float]:
+    """Both ways from already-inflated members, so only the parsing differs."""
+    import pydicom
+
+    from api.ingest import dicom
+
+    with zipfile.ZipFile(path) as archive:
+        members = [archive.read(info) for info in archive.infolist()]
+
+    def twice() -> None:
+        for data in members:
+            pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=dicom.HEADER_TAGS)
+            _ = pydicom.dcmread(io.BytesIO(data), specific_tags=dicom.PIXEL_TAGS, force=True).pixel_array
+
+    def once() -> None:
+        for data in members:
+            _ = pydicom.dcmread(io.BytesIO(data), specific_tags=dicom._HEADER_AND_PIXEL_TAGS).pixel_array
+
+    return {"before_s": _cpu(twice, repeats), "after_s": _cpu(once, repeats)}
+
+
+def _gzip(path: Path, repeats: int) -> dict[str, float]:
+    from isal import igzip
+
+    def read_with(opener: Callable[..., Any]) -> Callable[[], None]:
+        def read() -> None:
+            with opener(path, "rb") as handle:
+                while handle.read(1 << 20):
+                    pass
+
+        return read
+
+    return {"before_s": _cpu(read_with(gzip.open), repeats), "after_s": _cpu(read_with(igzip.open), repeats)}
+
+
+def _nifti_voxels(path: Path, repeats: int) -> dict[str, float]:
+    import nibabel as nib
+
+    from api.ingest.nifti import _voxels_float32
+
+    image = nib.load(path)  # raw NIfTI: the cost is the conversion, not the file
+    return {
+        "before_s": _cpu(lambda: np.array(image.dataobj, dtype=np.float32, copy=True), repeats),
+        "after_s": _cpu(lambda: _voxels_float32(image.dataobj), repeats),
+    }
+
+
+def levers(files: dict[str, Path], repeats: int) -> dict[str, dict[str, float]]:
+    out = {
+        "zip_inflate": _zip_inflate(files["dicom_zip_deflated"], repeats),
+        "dicom_parse": _dicom_parse(files["dicom_zip_deflated"], repeats),
+        "gzip": _gzip(files["nifti_gz"], repeats),
+        "nifti_voxels": _nifti_voxels(files["nifti_raw"], repeats),
+    }
+    for lever in out.values():
+        lever["speedup"] = round(lever["before_s"] / lever["after_s"], 2) if lever["after_s"] else 0.0
+    return out
+
+
+def limits(spec: ScanSpec, repeats: int) -> dict[str, float]:
+    """MB/s of int16 pixels on one core: memcpy, zlib inflate, ISA-L inflate (level-6 deflate)."""
+    import zlib
+
+    from isal import isal_zlib
+
+    rng = np.random.default_rng(0)
+    pixels = (rng.normal(0, 40, spec.shape).astype(np.int16) - 1000).tobytes()  # CT-like noise
+    deflated = zlib.compress(pixels, 6)
+    target = bytearray(len(pixels))
+    megabytes = len(pixels) / 1e6
+
+    def rate(function: Callable[[], Any]) -> float:
+        return round(megabytes / max(_cpu(function, repeats), 1e-9), 1)
+
+    return {
+        "pixels_mb": round(megabytes, 1),
+        "memcpy_mb_s": rate(lambda: target.__setitem__(slice(None), pixels)),
+        "zlib_inflate_mb_s": rate(lambda: zlib.decompress(deflated)),
+        "isal_inflate_mb_s": rate(lambda: isal_zlib.decompress(deflated)),
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    from api.inference.workers import single_threaded_blas
+
+    single_threaded_blas()  # as in a preprocessing worker
+    repeats = 3 if quick else 7
+    files = input_files(THIN_1MM)
+    result = {"input": THIN_1MM.key, "repeats": repeats, "per_kind": per_kind(files, repeats)}
+    result["levers"] = levers(files, repeats)
+    pixels_mb = THIN_1MM.shape[0] * THIN_1MM.shape[1] * THIN_1MM.shape[2] * 2 / 1e6
+    result["limits"] = limits(THIN_1MM, repeats)
+    result["decoded_mb_s_per_core"] = {
+        kind: round(pixels_mb / row["stages_s"]["decode"], 1)
+        for kind, row in result["per_kind"].items()
+        if row["stages_s"].get("decode")
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scan_cpu", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.quick), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
