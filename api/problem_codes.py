@@ -30,6 +30,7 @@ STATUS_MEANINGS: dict[int, str] = {
     403: "the API key may not do this (e.g. send a priority lane it is not allowed)",
     404: "no such route",
     405: "the route does not take this method",
+    406: "the `Accept` header allows none of the answer's media types",
     413: "the upload is too large",
     415: "a media type or DICOM transfer syntax this gateway cannot decode",
     422: "a readable scan that is not a usable head CT (`field`, `observed`, `expected` say why)",
@@ -134,6 +135,14 @@ class ProblemCode(enum.Enum):
         _S.UNIMPLEMENTED,
         "Method not allowed",
         "the route exists but not for this HTTP method (REST only)",
+    )
+    # --- 406: no acceptable answer format -----------------------------------------------------------------
+    NOT_ACCEPTABLE = (
+        "not_acceptable",
+        406,
+        _S.INVALID_ARGUMENT,
+        "Not acceptable",
+        "the `Accept` header allows neither `application/json` nor `application/fhir+json` (REST only)",
     )
     # --- 413: too large -------------------------------------------------------------------------------
     PAYLOAD_TOO_LARGE = (

@@ -100,6 +100,8 @@ class HandledRequest:
     response: PredictResponse
     timings_ms: dict[str, float]  # per stage, for the access log
     lane: Lane
+    # StudyInstanceUID of a DICOM upload, for answers that link the study (FHIR); not in the JSON answer.
+    study_uid: str | None = None
 
 
 @dataclass
@@ -262,7 +264,13 @@ class PredictionService:
             started_at=request.started_at,
             lane=lane,
         )
-        return HandledRequest(response=response, timings_ms=prediction.timings_ms, lane=lane)
+        dicom = prediction.scan.dicom
+        return HandledRequest(
+            response=response,
+            timings_ms=prediction.timings_ms,
+            lane=lane,
+            study_uid=(dicom.study_uid or None) if dicom else None,
+        )
 
     async def predict(
         self,

@@ -57,6 +57,7 @@ def decode_dicom(
     info = DicomInfo(
         **acquisition,
         series_uid=chosen.series_uid,
+        study_uid=first.study_uid,  # one per series (`dicom.series_geometry` refuses a mix)
         sop_class_uid=first.sop_class_uid,
         modality=first.modality,
         transfer_syntax_uid=first.transfer_syntax,

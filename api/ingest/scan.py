@@ -60,7 +60,11 @@ class AcquisitionText:
 
 @dataclass(frozen=True, kw_only=True)
 class DicomInfo(AcquisitionText):
-    """Series-level facts read from DICOM headers, for validation and for the response."""
+    """Series-level facts read from DICOM headers, for validation and for the response.
+
+    `study_uid` (StudyInstanceUID) is not a patient identifier but links the answer to the study in the
+    hospital's archive (the FHIR report's ImagingStudy); like the rest of this class it is never logged.
+    """
 
     series_uid: str
     sop_class_uid: str
@@ -71,6 +75,7 @@ class DicomInfo(AcquisitionText):
     slices: int = 0
     multiframe: bool = False
     tilt_deg: float = 0.0
+    study_uid: str = ""  # "" when the headers lack it
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ error mapping. A fake stands in for Triton here only; tests/integration uses the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -64,14 +65,21 @@ def fake() -> FakeModel:
     return FakeModel()
 
 
-@pytest.fixture
-def client(fake: FakeModel) -> Iterator[TestClient]:
-    settings = Settings(max_upload_bytes=1 << 20, grpc_enabled=False, preprocess_workers=0)
+@contextlib.contextmanager
+def fake_client(fake: FakeModel, *, max_upload_bytes: int = 1 << 20) -> Iterator[TestClient]:
+    """The real app (routes, middleware, problem handlers) in front of `fake` instead of Triton."""
+    settings = Settings(max_upload_bytes=max_upload_bytes, grpc_enabled=False, preprocess_workers=0)
     app = create_app(settings)
     service = PredictionService(fake, settings)  # type: ignore[arg-type]
     app.dependency_overrides[get_model] = lambda: fake
     app.dependency_overrides[get_prediction_service] = lambda: service
     with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def client(fake: FakeModel) -> Iterator[TestClient]:
+    with fake_client(fake) as test_client:
         yield test_client
 
 

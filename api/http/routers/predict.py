@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
 
 from api.auth import ANONYMOUS, keyring
 from api.http.dependencies import PredictionServiceDep, SettingsDep
+from api.http.negotiation import negotiate
 from api.inference.lanes import PRIORITY_HEADER, resolve_lane
 from api.inference.service import ScanRequest
 from api.inference.uploads import declared_length
 from api.problems import problem_responses
+from api.results.fhir import FHIR_MEDIA_TYPE, diagnostic_report
 from api.schemas import PredictResponse
 
 router = APIRouter(prefix="/v1", tags=["predict"])
@@ -46,6 +50,27 @@ _OPENAPI_BODY = {
 }
 
 
+_OPENAPI_OK: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "The findings: JSON (`PredictResponse`), or with `Accept: application/fhir+json` a FHIR R4 "
+            'DiagnosticReport with one contained Observation per finding (README, "FHIR results").'
+        ),
+        "content": {
+            FHIR_MEDIA_TYPE: {
+                "schema": {
+                    "type": "object",
+                    "description": "FHIR R4 DiagnosticReport",
+                    "required": ["resourceType", "status", "code"],
+                    "properties": {"resourceType": {"type": "string", "enum": ["DiagnosticReport"]}},
+                    "externalDocs": {"url": "https://hl7.org/fhir/R4/diagnosticreport.html"},
+                }
+            }
+        },
+    }
+}
+
+
 def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
@@ -54,8 +79,9 @@ def _split(value: str | None) -> list[str]:
     "/predict",
     summary="Findings for one head CT scan",
     openapi_extra=_OPENAPI_BODY,
+    response_model=PredictResponse,
     # Every code a prediction can answer with, per status, from the catalogue (api/problem_codes.py).
-    responses=problem_responses(400, 403, 413, 415, 422, 429, 500, 502, 503, 504),
+    responses=_OPENAPI_OK | problem_responses(400, 403, 406, 413, 415, 422, 429, 500, 502, 503, 504),
 )
 async def predict(
     request: Request,
@@ -78,7 +104,9 @@ async def predict(
     priority_header: Annotated[
         str | None, Header(alias=PRIORITY_HEADER, max_length=16, include_in_schema=False)
     ] = None,
-) -> PredictResponse:
+) -> PredictResponse | Response:
+    # Before the upload is read: a client that cannot take the answer should not wait for it.
+    media_type = negotiate(", ".join(request.headers.getlist("accept")))
     identity = getattr(request.state, "api_key_id", ANONYMOUS)
     lane = resolve_lane(priority or priority_header, keyring(settings).lanes(identity))
     request.state.lane = lane.value  # for the access log line
@@ -96,4 +124,7 @@ async def predict(
         )
     )
     request.state.timings_ms = handled.timings_ms  # for the access log line
+    if media_type == FHIR_MEDIA_TYPE:
+        report = diagnostic_report(handled.response, study_uid=handled.study_uid, issued=datetime.now(UTC))
+        return JSONResponse(report, media_type=FHIR_MEDIA_TYPE)
     return handled.response
