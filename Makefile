@@ -49,10 +49,11 @@ $(PROTO_PY): $(PROTO) $(STAMP)
 setup: $(STAMP) $(PROTO_PY)
 
 # System tools the suite and chart-check use, from Debian: prometheus + promtool (rule tests, the real
-# scrape test). Installed when missing if we are root; otherwise a clear message says what to install.
-DEBIAN_TOOLS := prometheus
+# scrape test), dicom3tools' dciodvfy (the DICOM SR answer's validation, tests/unit/test_dicom_sr.py).
+# Installed when missing if we are root; otherwise a clear message says what to install.
+DEBIAN_TOOLS := prometheus dicom3tools
 tools:
-	@missing=""; for tool in prometheus promtool; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in prometheus promtool dciodvfy; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing Debian packages: $(DEBIAN_TOOLS) (missing:$$missing)"; \

@@ -100,8 +100,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logger.handlers[:] = []
         logger.propagate = True
         logger.setLevel(logging.NOTSET)  # HEADCT_LOG_LEVEL rules, not uvicorn's --log-level
-    # httpx logs every request URL at INFO, query (series_uid) included.
-    for name in ("httpx", "httpcore"):
+    # httpx logs every request URL at INFO, query (series_uid) included; highdicom logs the source
+    # instances' UIDs at INFO while it builds a DICOM SR answer.
+    for name in ("httpx", "httpcore", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
     access = logging.getLogger("uvicorn.access")
     access.handlers[:] = []

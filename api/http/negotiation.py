@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from api.problem_codes import ProblemCode
 from api.problems import ProblemError
+from api.results.dicom_sr import DICOM_MEDIA_TYPE
 from api.results.fhir import FHIR_MEDIA_TYPE
 
 JSON_MEDIA_TYPE = "application/json"
 #: What the answer can be, in the order that breaks ties: today's JSON first.
-ANSWER_MEDIA_TYPES = (JSON_MEDIA_TYPE, FHIR_MEDIA_TYPE)
+ANSWER_MEDIA_TYPES = (JSON_MEDIA_TYPE, FHIR_MEDIA_TYPE, DICOM_MEDIA_TYPE)
 
 
 def _media_ranges(accept: str) -> list[tuple[str, float]]:
@@ -49,8 +50,9 @@ def _quality(media_type: str, ranges: list[tuple[str, float]]) -> tuple[float, i
 
 
 def negotiate(accept: str | None) -> str:
-    """The answer's media type for this Accept header: `FHIR_MEDIA_TYPE` where the client prefers it,
-    JSON otherwise (no header, ``*/*``, ``application/json``, or nothing well-formed in it).
+    """The answer's media type for this Accept header: `FHIR_MEDIA_TYPE` or `DICOM_MEDIA_TYPE` (a DICOM
+    SR) where the client prefers it, JSON otherwise (no header, ``*/*``, ``application/json``, or nothing
+    well-formed in it).
 
     Higher q wins; at equal q the type named more specifically (``application/fhir+json, */*``, what
     FHIR clients send, is FHIR), and then JSON, the answer before FHIR existed (``max`` keeps the first
@@ -62,7 +64,7 @@ def negotiate(accept: str | None) -> str:
     if _quality(chosen, ranges)[0] <= 0.0:
         raise ProblemError(
             ProblemCode.NOT_ACCEPTABLE,
-            f"the answer is {' or '.join(ANSWER_MEDIA_TYPES)}; the Accept header allows neither",
+            f"the answer is {' or '.join(ANSWER_MEDIA_TYPES)}; the Accept header allows none of them",
             field="Accept",
             observed=(accept or "")[:200],
             expected=list(ANSWER_MEDIA_TYPES),

@@ -38,7 +38,7 @@ from api.inference.lanes import DEFAULT_LANE, Lane
 from api.inference.uploads import check_declared_length, spool_chunks
 from api.inference.workers import PreprocessPool
 from api.ingest import DecodedScan, decode_upload
-from api.ingest.scan import IngestLimits
+from api.ingest.scan import DEFAULT_LIMITS, IngestLimits
 from api.ingest.validation import validate
 from api.problems import ProblemCode, ProblemError
 from api.schemas import PredictResponse
@@ -47,6 +47,8 @@ from headct.preprocess import PreprocessingError, preprocess
 from headct.volume import Volume
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from api.inference.backend import InferenceBackend
     from headct.model_card import ModelCard
 
@@ -93,6 +95,7 @@ class ScanRequest:
     declared_length: int | None = None  # Content-Length, when the transport knows it
     spool_prefix: str = "headct-upload-"
     lane: Lane = DEFAULT_LANE  # the priority lane (`lanes.resolve_lane`: asked for, and allowed the key)
+    evidence: bool = False  # keep a DICOM scan's instances (no pixels) for a DICOM SR answer
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class HandledRequest:
     lane: Lane
     # StudyInstanceUID of a DICOM upload, for answers that link the study (FHIR); not in the JSON answer.
     study_uid: str | None = None
+    # The DICOM series' instances without pixels, when `ScanRequest.evidence` asked for them (DICOM SR).
+    evidence: tuple[Dataset, ...] = ()
 
 
 @dataclass
@@ -121,10 +126,15 @@ def _without_voxels(scan: DecodedScan) -> DecodedScan:
 
 
 def _prepare(
-    upload: str, content_type: str, series_uid: str | None, limits: IngestLimits | None = None
+    upload: str,
+    content_type: str,
+    series_uid: str | None,
+    limits: IngestLimits | None = None,
+    evidence: bool = False,
 ) -> tuple[DecodedScan, np.ndarray, list[tuple[str, str]], dict[str, float]]:
     """Runs in a preprocessing worker: the upload's path → (scan metadata, fp16 tensor, warnings,
-    seconds per stage). Raises ProblemError (pickled back to the gateway)."""
+    seconds per stage); with `evidence`, a DICOM scan's instances without pixels come back too. Raises
+    ProblemError (pickled back to the gateway)."""
     seconds: dict[str, float] = {}
     last = time.perf_counter()
 
@@ -134,10 +144,9 @@ def _prepare(
         seconds[stage] = now - last
         last = now
 
-    if limits is None:
-        scan = decode_upload(Path(upload), content_type, series_uid=series_uid)
-    else:
-        scan = decode_upload(Path(upload), content_type, series_uid=series_uid, limits=limits)
+    scan = decode_upload(
+        Path(upload), content_type, series_uid=series_uid, limits=limits or DEFAULT_LIMITS, evidence=evidence
+    )
     lap("decode")
     warnings = validate(scan)
     lap("validate")
@@ -253,6 +262,7 @@ class PredictionService:
                     tasks=selected,
                     include_embedding=include_embedding,
                     lane=lane,
+                    evidence=request.evidence,
                 )
             finally:
                 upload.unlink(missing_ok=True)
@@ -270,6 +280,7 @@ class PredictionService:
             timings_ms=prediction.timings_ms,
             lane=lane,
             study_uid=(dicom.study_uid or None) if dicom else None,
+            evidence=prediction.scan.evidence,
         )
 
     async def predict(
@@ -281,6 +292,7 @@ class PredictionService:
         tasks: Sequence[str] = (),
         include_embedding: bool = False,
         lane: Lane = DEFAULT_LANE,
+        evidence: bool = False,
     ) -> Prediction:
         """One scan's prediction for `tasks` (all the card's tasks when empty), in `lane`."""
         loop = asyncio.get_running_loop()
@@ -307,7 +319,7 @@ class PredictionService:
                     with self.batcher.expecting():
                         pool = self.bulk_pool if lane is Lane.BULK and self.bulk_pool else self.pool
                         scan, image, warnings, seconds = await pool.run(
-                            _prepare, str(upload), content_type, series_uid, self.limits, lane=lane
+                            _prepare, str(upload), content_type, series_uid, self.limits, evidence, lane=lane
                         )
                         for stage, value in seconds.items():
                             observe(stage, value)

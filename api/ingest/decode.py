@@ -32,7 +32,12 @@ from api.problems import ProblemCode, ProblemError
 
 
 def decode_dicom(
-    source: MemberSource, *, series_uid: str | None, limits: IngestLimits, scratch: Path
+    source: MemberSource,
+    *,
+    series_uid: str | None,
+    limits: IngestLimits,
+    scratch: Path,
+    evidence: bool = False,
 ) -> DecodedScan:
     """Headers of all members -> series selection -> header rules -> geometry -> pixels."""
     parsed = dicom.ParsedMembers()
@@ -81,6 +86,7 @@ def decode_dicom(
             )
         )
     volume = dicom.assemble(source, series, geometry, limits, scratch, parsed)
+    instances = dicom.read_evidence(source, series) if evidence else ()
     spacing = first.pixel_spacing or (0.0, 0.0)
     return DecodedScan(
         volume=volume,
@@ -89,11 +95,18 @@ def decode_dicom(
         file_spacing_mm=(float(spacing[1]), float(spacing[0]), round(geometry.slice_step_mm, 6)),
         warnings=warnings,
         dicom=info,
+        evidence=instances,
     )
 
 
 def _decode_single(
-    path: Path, kind: str | None, *, series_uid: str | None, limits: IngestLimits, scratch: Path
+    path: Path,
+    kind: str | None,
+    *,
+    series_uid: str | None,
+    limits: IngestLimits,
+    scratch: Path,
+    evidence: bool = False,
 ) -> DecodedScan:
     if kind in ("nifti", "nifti-gz"):
         scan = decode_nifti(path, gzipped=kind == "nifti-gz", limits=limits)
@@ -101,9 +114,13 @@ def _decode_single(
         scan = decode_nrrd(path, limits)
     elif kind == "zip":
         with ZipSource(path, limits) as source:
-            return decode_dicom(source, series_uid=series_uid, limits=limits, scratch=scratch)
+            return decode_dicom(
+                source, series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
+            )
     elif kind == "dicom":
-        return decode_dicom(SingleFile(path), series_uid=series_uid, limits=limits, scratch=scratch)
+        return decode_dicom(
+            SingleFile(path), series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
+        )
     elif kind == "nifti-pair":
         raise unreadable("NIfTI", "a NIfTI header pair (.hdr/.img) cannot be sent as one file; send a .nii")
     else:
@@ -120,7 +137,13 @@ def _decode_single(
 
 
 def _decode_multipart(
-    path: Path, content_type: str, *, series_uid: str | None, limits: IngestLimits, scratch: Path
+    path: Path,
+    content_type: str,
+    *,
+    series_uid: str | None,
+    limits: IngestLimits,
+    scratch: Path,
+    evidence: bool = False,
 ) -> DecodedScan:
     boundary = content_type_parameter(content_type, "boundary")
     if not boundary:
@@ -133,7 +156,9 @@ def _decode_multipart(
     with MultipartSource(path, boundary, limits) as source:
         kinds = [sniff_bytes(*read_head(source.path(i))) for i in range(source.count())]
         if "dicom" in kinds:
-            return decode_dicom(source, series_uid=series_uid, limits=limits, scratch=scratch)
+            return decode_dicom(
+                source, series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
+            )
         scans = [(i, kind) for i, kind in enumerate(kinds) if kind is not None]
         if len(scans) != 1:
             raise ProblemError(
@@ -143,7 +168,9 @@ def _decode_multipart(
                 expected=ACCEPTED_DESCRIPTION,
             )
         index, kind = scans[0]
-        return _decode_single(source.path(index), kind, series_uid=series_uid, limits=limits, scratch=scratch)
+        return _decode_single(
+            source.path(index), kind, series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
+        )
 
 
 def decode_upload(
@@ -152,8 +179,10 @@ def decode_upload(
     *,
     series_uid: str | None = None,
     limits: IngestLimits = DEFAULT_LIMITS,
+    evidence: bool = False,
 ) -> DecodedScan:
-    """Decode the spooled upload at `path` (left in place; the caller deletes it).
+    """Decode the spooled upload at `path` (left in place; the caller deletes it); with `evidence`, a
+    DICOM scan also carries its series' instances without pixel data (`DecodedScan.evidence`).
 
     Raises:
         ProblemError: 400 ``unreadable_file``, 413 ``payload_too_large``, 415
@@ -166,7 +195,7 @@ def decode_upload(
         scratch = Path(scratch_dir)
         if media_type in MULTIPART_MEDIA_TYPES:
             return _decode_multipart(
-                path, content_type, series_uid=series_uid, limits=limits, scratch=scratch
+                path, content_type, series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
             )
         if media_type.startswith("multipart/") or media_type not in SINGLE_FILE_MEDIA_TYPES:
             raise ProblemError(
@@ -177,5 +206,10 @@ def decode_upload(
             )
         head, gzipped = read_head(path)
         return _decode_single(
-            path, sniff_bytes(head, gzipped), series_uid=series_uid, limits=limits, scratch=scratch
+            path,
+            sniff_bytes(head, gzipped),
+            series_uid=series_uid,
+            limits=limits,
+            scratch=scratch,
+            evidence=evidence,
         )

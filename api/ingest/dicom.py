@@ -609,6 +609,20 @@ def assemble(
     return Volume(hu=np.transpose(stack, (2, 1, 0)), affine=geometry.affine)
 
 
+def read_evidence(source: MemberSource, headers: list[InstanceHeader]) -> tuple[Dataset, ...]:
+    """The instances of the chosen series without pixel data, for a DICOM result object that must be
+    filed under the same patient and study (patient identifiers included: only on request)."""
+    instances = []
+    for member in sorted({header.member for header in headers}):
+        with source.open(member) as handle:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+        # Let go of the member's file object (a zip stream with a lock: not picklable, and the evidence
+        # crosses from the worker process to the gateway).
+        ds.filename, ds.fileobj_type, ds.buffer = None, None, None
+        instances.append(ds)
+    return tuple(instances)
+
+
 def transfer_syntax_warnings(headers: list[InstanceHeader]) -> list[ScanWarning]:
     if any(h.lossy for h in headers):
         return [

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from headct.volume import Volume
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 #: A warning is ``(code, detail)``; it ends up in the response's ``warnings``.
 ScanWarning = tuple[str, str]
@@ -89,6 +92,9 @@ class DecodedScan:
         file_spacing_mm: voxel size per array axis (DICOM: column spacing, row spacing, slice step).
         warnings: caveats found while decoding (series picked, gantry tilt corrected, ...).
         dicom: series facts when the source was DICOM, else None.
+        evidence: the chosen series' instances without pixel data, only when the caller asked for them
+            (a DICOM SR answer is filed under the source's patient and study, so these hold the patient
+            identifiers that nothing else here carries; never logged).
     """
 
     volume: Volume
@@ -97,3 +103,4 @@ class DecodedScan:
     file_spacing_mm: tuple[float, ...]
     warnings: list[ScanWarning] = field(default_factory=list)
     dicom: DicomInfo | None = None
+    evidence: tuple[Dataset, ...] = ()

@@ -377,7 +377,9 @@ class SlowModel(FakeModel):
         return await super().infer_batch(batch, timeout_s, outputs, lane=lane)
 
 
-def fake_prepare(upload: str, content_type: str, series_uid: str | None, limits: Any = None) -> Any:
+def fake_prepare(
+    upload: str, content_type: str, series_uid: str | None, limits: Any = None, evidence: bool = False
+) -> Any:
     return None, np.zeros((3, 4, 4, 4), np.float16), [], {"decode": 0.001}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -445,3 +446,16 @@ def test_group_series_drops_a_localizer_filed_with_the_axials(head: Volume) -> N
     candidates, warnings = group_series(headers)
     chosen, _ = select_series(candidates, None)
     assert len(chosen.headers) == 23 and "localizer_removed" in dict(warnings)
+
+
+def test_evidence_holds_the_series_instances_without_pixels_only_when_asked(
+    tmp_path: Path, head: Volume
+) -> None:
+    series = ct_series(head, seed="evidence")
+    body = zip_bytes(series)
+    assert decode(tmp_path, body).evidence == ()  # by default nothing with patient identifiers leaves
+    evidence = decode(tmp_path, body, evidence=True).evidence
+    assert sorted(ds.SOPInstanceUID for ds in evidence) == sorted(ds.SOPInstanceUID for ds in series)
+    assert all("PixelData" not in ds for ds in evidence)
+    assert {str(ds.PatientID) for ds in evidence} == {str(series[0].PatientID)}  # for the SR's patient
+    assert len(pickle.loads(pickle.dumps(evidence))) == len(series)  # it crosses the worker process boundary

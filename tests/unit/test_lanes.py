@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -268,7 +269,7 @@ async def _chunks(data: bytes) -> Any:
 def test_the_lane_reaches_the_backend_the_answer_and_the_metrics(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(api.inference.service, "_prepare", fake_prepare)
+    monkeypatch.setattr(api.inference.service, "_prepare", _prepare_without_scan)
     monkeypatch.setattr(api.inference.service, "build_predict_response", _fake_response)
     model = FakeModel()
     service = service_for(model, spool_dir=str(tmp_path))
@@ -291,6 +292,12 @@ def test_the_lane_reaches_the_backend_the_answer_and_the_metrics(
     assert model.lanes == [Lane.STAT]
     ok, count = _samples("stat")
     assert (ok, count) == (before[0] + 1, before[1] + 1)
+
+
+def _prepare_without_scan(*args: Any) -> Any:
+    """`fake_prepare`'s tensor, with a scan that says only what the service reads of it."""
+    _, image, warnings, seconds = fake_prepare(*args)
+    return SimpleNamespace(dicom=None, evidence=()), image, warnings, seconds
 
 
 def _fake_response(prediction: Any, **fields: Any) -> dict[str, Any]:
