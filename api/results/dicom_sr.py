@@ -38,6 +38,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DT
 
+from api.results.findings import SNOMED_FINDINGS
+
 DICOM_MEDIA_TYPE: Final = "application/dicom"
 
 #: Our private coding scheme (PS3.3 8.2: "99" + a name) for the finding names and the two numbers.
@@ -58,17 +60,6 @@ ABSENT: Final = hd.sr.CodedConcept.from_code(codes.SCT.Absent)
 CT_HEAD: Final = hd.sr.CodedConcept("24725-4", "LN", "CT Head")
 #: An Image Library entry: SCT 260753009, with the meaning highdicom writes and reads.
 SOURCE: Final = hd.sr.CodedConcept("260753009", "SCT", "Source")
-
-#: SNOMED CT concepts of the finding names we know; only codes that are certain. The same table as
-#: `api.results.fhir.SNOMED_FINDINGS` (a test keeps them equal; not imported: that module needs the
-#: gateway's schemas).
-SNOMED_FINDINGS: Final[dict[str, tuple[str, str]]] = {
-    "hemorrhage": ("1386000", "Intracranial hemorrhage"),
-    "intracranial_hemorrhage": ("1386000", "Intracranial hemorrhage"),
-    "ich": ("1386000", "Intracranial hemorrhage"),
-    "edema": ("2032001", "Cerebral edema"),
-    "cerebral_edema": ("2032001", "Cerebral edema"),
-}
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: What a DICOM LO value (series description, manufacturer model name) and a code meaning hold.

@@ -36,6 +36,7 @@ from fhir.resources.R4B.observation import Observation, ObservationComponent
 from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
 
+from api.results.findings import SNOMED_FINDINGS
 from api.schemas import Finding, PredictResponse
 
 FHIR_MEDIA_TYPE: Final = "application/fhir+json"
@@ -60,16 +61,6 @@ OBSERVATION_CATEGORY: Final = "http://terminology.hl7.org/CodeSystem/observation
 INTERPRETATION: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 #: How FHIR names a DICOM UID: identifier system RFC 3986, value ``urn:oid:<uid>``.
 URI_SYSTEM: Final = "urn:ietf:rfc:3986"
-
-#: SNOMED CT concepts of the finding names we know (the demo's and FM-HCT's usual spellings); only
-#: concepts whose code is certain. Other names carry our code alone.
-SNOMED_FINDINGS: Final[dict[str, tuple[str, str]]] = {
-    "hemorrhage": ("1386000", "Intracranial hemorrhage"),
-    "intracranial_hemorrhage": ("1386000", "Intracranial hemorrhage"),
-    "ich": ("1386000", "Intracranial hemorrhage"),
-    "edema": ("2032001", "Cerebral edema"),
-    "cerebral_edema": ("2032001", "Cerebral edema"),
-}
 
 DEVICE_ID: Final = "device"
 #: A DICOM UID: dot-separated digit runs (PS3.5 9.1). Anything else is not linked as ``urn:oid:``.

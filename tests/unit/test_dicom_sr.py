@@ -318,13 +318,6 @@ def test_series_description_keeps_the_notice() -> None:
     assert clinical == "fm-hct-demo 0.1.0 results"
 
 
-def test_snomed_table_is_the_fhir_one() -> None:
-    """The two hospital formats code the same finding the same way."""
-    from api.results import fhir
-
-    assert dicom_sr.SNOMED_FINDINGS == fhir.SNOMED_FINDINGS
-
-
 @pytest.mark.parametrize(
     "make",
     [
