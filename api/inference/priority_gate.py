@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from api.inference.lanes import Lane
@@ -34,6 +34,7 @@ class PriorityGate:
         self.running_by_lane = dict.fromkeys(Lane, 0)
         self._waiting: list[_Waiter] = []
         self._order = itertools.count()
+        self._holds = 0  # while > 0, no new turn starts (`held`)
 
     @property
     def waiting(self) -> int:
@@ -48,8 +49,23 @@ class PriorityGate:
         finally:
             self._release(lane)
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """No new turn starts inside the block (turns under way go on); waiting jobs start after it."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self._hand_over()
+
     def _may_start(self, lane: Lane) -> bool:
-        return self.running < self.capacity and self.running_by_lane[lane] < self.limits[lane]
+        return (
+            not self._holds
+            and self.running < self.capacity
+            and self.running_by_lane[lane] < self.limits[lane]
+        )
 
     def _start(self, lane: Lane) -> None:
         self.running += 1

@@ -205,6 +205,20 @@ def test_bulk_leaves_one_pool_worker_free_for_stat() -> None:
     run(main())
 
 
+def test_no_bulk_scan_starts_while_the_gate_is_held() -> None:
+    async def main() -> None:
+        gate = PriorityGate(2)
+        with gate.held():
+            waiting = asyncio.create_task(gate._acquire(Lane.BULK))
+            await asyncio.sleep(0)
+            assert (gate.running, gate.waiting) == (0, 1)  # a free worker, but a STAT scan is running
+        await waiting  # the hold ended: it starts
+        assert gate.running == 1
+        gate._release(Lane.BULK)
+
+    run(main())
+
+
 def test_bulk_scans_run_in_their_own_lower_priority_workers() -> None:
     pool, bulk = _preprocess_pools(Settings(preprocess_workers=1, bulk_nice=7))
     assert bulk is not None
