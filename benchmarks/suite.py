@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 
-from api.inference.workers import single_threaded_blas
+from api.inference.workers import prepare_pipeline_process
 from benchmarks import direct, inputs, lanes, load, memory, perf_analyzer, runtimes, scan_cpu
 from benchmarks.config import BenchConfig
 from benchmarks.cpu import CpuMeter, busy_fraction, machine_cpu_ticks
@@ -354,9 +354,9 @@ async def _measure_all(
     cfg: BenchConfig, stack: Stack, scan: inputs.ScanFiles, rss_scan: inputs.ScanFiles
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    # The direct baseline preprocesses (here and in its pool) with the BLAS set-up of the gateway's
+    # The direct baseline preprocesses (here and in its pool) with the process set-up of the gateway's
     # workers, so the ratios measure the gateway, not a thread setting either side could use.
-    single_threaded_blas()
+    prepare_pipeline_process()
     out["parity"] = await _parity(stack, scan)
     log(f"parity: {out['parity']}")
     log("gateway overhead at concurrency 1")
@@ -365,7 +365,9 @@ async def _measure_all(
     log(f"throughput at concurrency {cfg.throughput_concurrency}")
     workers = max(1, os.cpu_count() or 1)
     with ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=single_threaded_blas
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=prepare_pipeline_process,
     ) as pool:
         out["throughput"] = await measure_throughput(cfg, stack, scan, pool, workers)
     out["sweep"] = await measure_sweep(cfg, stack, scan) if cfg.sweep else []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -44,12 +44,33 @@ def _raw_pixdim(header: bytes) -> tuple[float, float, float]:
     return (float(values[0]), float(values[1]), float(values[2]))
 
 
-def _voxels_float32(proxy: Any) -> np.ndarray:
+class _Readable(Protocol):
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def _stored_array(handle: _Readable, proxy: Any) -> np.ndarray:
+    """The stored array, equal to ``proxy.get_unscaled()``, read into a numpy buffer: numpy asks for
+    transparent huge pages, so 100 MB of voxels cost ~50 page faults instead of nibabel's bytearray's
+    25,000 (~40 ms of system CPU for a 1 mm head)."""
+    dtype, shape = np.dtype(proxy.dtype), tuple(int(n) for n in proxy.shape)
+    stored = np.empty(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, dtype=np.uint8)
+    handle.seek(int(proxy.offset))
+    view, filled = memoryview(stored.data), 0
+    while filled < stored.size:
+        count = handle.readinto(view[filled:])
+        if not count:
+            raise ValueError(f"the file ends after {filled} of {stored.size} bytes of voxel data")
+        filled += count
+    return stored.view(dtype).reshape(shape, order=proxy.order)
+
+
+def _voxels_float32(handle: _Readable, proxy: Any) -> np.ndarray:
     """The voxels as float32, equal to ``np.array(proxy, dtype=np.float32)``. Without scaling (slope 1,
     intercept 0: nearly every CT) that is the stored array cast, 3x cheaper than nibabel's generic
     scaled read (0.22 vs 0.66 s for 512x512x200 int16 here); with scaling, nibabel's own path."""
     if float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0:
-        return np.asarray(proxy.get_unscaled()).astype(np.float32)
+        return _stored_array(handle, proxy).astype(np.float32)
     return np.array(proxy, dtype=np.float32, copy=True)
 
 
@@ -75,7 +96,7 @@ def decode_nifti(path: Path, gzipped: bool, limits: IngestLimits) -> DecodedScan
             voxels = int(np.prod(spatial, dtype=np.int64))
             if voxels > limits.max_voxels:
                 raise too_large(spatial, limits.max_voxels)
-            data = _voxels_float32(image.dataobj).reshape(spatial, order="A")
+            data = _voxels_float32(handle, image.dataobj).reshape(spatial, order="A")
             affine = np.asarray(image.affine, dtype=np.float64)
             header = image.header
             zooms = tuple(float(z) for z in header.get_zooms()[:3])

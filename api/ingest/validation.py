@@ -171,8 +171,16 @@ def check_dicom_header(info: DicomInfo) -> list[ScanWarning]:
 # ---- volume rules --------------------------------------------------------------------------------
 
 
-def require_finite(volume: Volume) -> None:
-    if not np.isfinite(volume.hu).all():
+def value_range(volume: Volume) -> tuple[float, float]:
+    """The smallest and largest voxel value, in one pass each. numpy's min and max propagate NaN and
+    infinities, so both are finite exactly when every voxel is: the finiteness rule needs no pass of
+    its own."""
+    return float(volume.hu.min()), float(volume.hu.max())
+
+
+def require_finite(volume: Volume, known_range: tuple[float, float] | None = None) -> None:
+    low, high = known_range or value_range(volume)
+    if not (math.isfinite(low) and math.isfinite(high)):
         count = int(volume.hu.size - np.isfinite(volume.hu).sum())
         raise ProblemError(
             ProblemCode.NON_FINITE_VALUES,
@@ -205,8 +213,21 @@ def _sample(volume: Volume, grid_mm: float) -> tuple[np.ndarray, tuple[float, ..
     return sample, tuple(s * n for s, n in zip(volume.spacing_mm, strides, strict=True))
 
 
-def require_hounsfield_units(volume: Volume) -> None:
-    low, high = float(volume.hu.min()), float(volume.hu.max())
+def _air_voxels(sample: np.ndarray, enough: int) -> int:
+    """Voxels of `sample` at air density (`AIR_HU`), counted plane by plane along its slowest axis (each
+    plane stays in cache for both comparisons) and only until `enough` are found: the count is exact
+    when it is below `enough`. A head scan has air in its first planes, so this usually reads a few."""
+    planes = np.moveaxis(sample, int(np.argmax(np.abs(sample.strides))), 0)
+    count = 0
+    for plane in planes:
+        count += int(np.count_nonzero((plane >= AIR_HU[0]) & (plane <= AIR_HU[1])))
+        if count >= enough:
+            break
+    return count
+
+
+def require_hounsfield_units(volume: Volume, known_range: tuple[float, float] | None = None) -> None:
+    low, high = known_range or value_range(volume)
     if max(abs(low), abs(high)) > MAX_ABS_HU:
         raise ProblemError(
             ProblemCode.HU_OUT_OF_RANGE,
@@ -216,7 +237,7 @@ def require_hounsfield_units(volume: Volume) -> None:
             expected=f"Hounsfield units within +-{MAX_ABS_HU:.0f}",
         )
     sample, _ = _sample(volume, 1.0)
-    air = float(np.count_nonzero((sample >= AIR_HU[0]) & (sample <= AIR_HU[1]))) / sample.size
+    air = _air_voxels(sample, enough=math.ceil(MIN_AIR_FRACTION * sample.size)) / sample.size
     if air < MIN_AIR_FRACTION:
         raise ProblemError(
             ProblemCode.HU_OUT_OF_RANGE,
@@ -280,9 +301,10 @@ def validate(scan: DecodedScan | Volume) -> list[ScanWarning]:
     """Run every volume rule; return the warnings: the decoder's (for a `DecodedScan`) and the rules'."""
     volume = scan.volume if isinstance(scan, DecodedScan) else scan
     warnings: list[ScanWarning] = list(scan.warnings) if isinstance(scan, DecodedScan) else []
-    require_finite(volume)
+    known_range = value_range(volume)
+    require_finite(volume, known_range)
     require_valid_spacing(volume)
-    require_hounsfield_units(volume)
+    require_hounsfield_units(volume, known_range)
     require_slices(volume)
     require_head(volume)
     require_coverage(volume)

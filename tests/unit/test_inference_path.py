@@ -618,3 +618,14 @@ def test_grpc_predict_gets_the_same_admission_answers() -> None:
             await gateway.stop(0)
 
     run(main())
+
+
+def test_workers_keep_freed_memory_on_glibc() -> None:
+    """The workers' heap set-up takes on this (glibc) machine; a musl or macOS build would get False."""
+    import platform
+
+    from api.inference.workers import reuse_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert reuse_freed_memory() is True

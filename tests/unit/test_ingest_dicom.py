@@ -459,3 +459,41 @@ def test_evidence_holds_the_series_instances_without_pixels_only_when_asked(
     assert all("PixelData" not in ds for ds in evidence)
     assert {str(ds.PatientID) for ds in evidence} == {str(series[0].PatientID)}  # for the SR's patient
     assert len(pickle.loads(pickle.dumps(evidence))) == len(series)  # it crosses the worker process boundary
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+@pytest.mark.parametrize("bits_stored", [8, 12, 15, 16])
+@pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian])
+def test_native_plane_equals_pixel_array(signed: int, bits_stored: int, syntax: str) -> None:
+    """The fast read of an uncompressed 16-bit plane gives pydicom's values and dtype, also when the
+    unused high bits hold garbage (pydicom shifts them out; so must we)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    from api.ingest.dicom import _native_plane
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 7, 5, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        16,
+        bits_stored,
+        bits_stored - 1,
+        signed,
+    )
+    ds.PixelData = (
+        np.random.default_rng(bits_stored).integers(0, 65536, 35, dtype=np.uint16).astype("<u2").tobytes()
+    )
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    read = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    native = _native_plane(read)
+    assert native is not None
+    assert native.dtype == read.pixel_array.dtype
+    np.testing.assert_array_equal(native, read.pixel_array)
+    # Anything else (here: a plane whose byte count is not rows x columns x 2) is left to pydicom.
+    read.PixelData = read.PixelData + b"\0\0"
+    assert _native_plane(read) is None

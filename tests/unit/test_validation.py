@@ -160,3 +160,30 @@ def test_body_part_unknown_is_a_warning() -> None:
 )
 def test_contrast_warning(values: dict[str, str], contrast: bool) -> None:
     assert ("contrast_enhanced" in dict(check_dicom_header(info(**values)))) is contrast
+
+
+@pytest.mark.parametrize("air_fraction", [0.0, 0.005, 0.0099, 0.01, 0.0101, 0.5])
+def test_air_count_stops_early_with_the_same_decision(air_fraction: float) -> None:
+    """`_air_voxels` may stop counting once enough air is found: the rule's decision must be the one a
+    full count gives, at and around the threshold."""
+    from api.ingest import validation
+
+    rng = np.random.default_rng(3)
+    sample = np.full((40, 30, 20), 40.0, dtype=np.float32, order="F")
+    flat = sample.reshape(-1, order="F")
+    flat[rng.choice(flat.size, round(air_fraction * flat.size), replace=False)] = -1000.0
+    full = int(np.count_nonzero((sample >= validation.AIR_HU[0]) & (sample <= validation.AIR_HU[1])))
+    enough = int(np.ceil(validation.MIN_AIR_FRACTION * sample.size))
+    counted = validation._air_voxels(sample, enough)
+    assert (counted / sample.size < validation.MIN_AIR_FRACTION) == (
+        full / sample.size < validation.MIN_AIR_FRACTION
+    )
+    assert counted == full or counted >= enough
+
+
+def test_value_range_sees_nan_and_infinity(head: Volume) -> None:
+    """require_finite relies on min/max propagating NaN and infinities (no pass of its own)."""
+    for bad in (np.nan, np.inf, -np.inf):
+        hu = head.hu.copy()
+        hu[3, 4, 5] = bad
+        assert code_of(Volume(hu=hu, affine=head.affine)) == "non_finite_values"
