@@ -2,8 +2,8 @@
 
 Workers are started with the `spawn` method: forking a process that runs an asyncio loop, the gRPC
 server's threads and Triton's gRPC channel is unsafe. Each worker imports the pipeline once and then
-serves scans; what comes back is the small preprocessed tensor (fp16 3x96^3, ~5 MB) plus timings, never
-the decoded volume.
+serves scans; what comes back is the small preprocessed tensor (fp16 3x96^3, ~5 MB; through a
+shared-memory slot, `api/inference/shared_arrays.py`) plus timings, never the decoded volume.
 
 A worker that dies (OOM killer, a segfault in a decoder) breaks the whole `ProcessPoolExecutor`: every
 scan it was running fails with 503 ``preprocessing_worker_lost`` (Retry-After) and the next call gets a
@@ -31,16 +31,19 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 from api.inference.lanes import DEFAULT_LANE, Lane
 from api.inference.priority_gate import PriorityGate
+from api.inference.shared_arrays import ArraySlots, call_into_slot
 from api.logging_config import configure_logging
 from api.problems import ProblemCode, ProblemError
+from headct.contract import INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ _M_MMAP_THRESHOLD = -3
 WORKER_MMAP_THRESHOLD_BYTES = 32 << 20
 #: Freed heap a worker keeps for its next scan instead of handing it back to the kernel.
 WORKER_HEAP_RETAIN_BYTES = 512 << 20
+#: A result slot holds one preprocessed scan (the fp16 model input).
+RESULT_SLOT_BYTES = int(np.prod(INPUT_SHAPE)) * np.dtype(np.float16).itemsize
 # A running scan's grace at shutdown before its worker is killed, then the wait for the killed ones.
 SHUTDOWN_TIMEOUT_S = 5.0
 _REAP_AFTER_KILL_S = 2.0
@@ -147,12 +152,16 @@ class PreprocessPool:
         self._executor: Executor | None = None
         self.gate = PriorityGate(max(1, workers), lane_limits)
         self.generation = 0  # bumped each time a broken pool is replaced (tests, logs)
+        self._slots: ArraySlots | None = None  # made with the first process pool
 
     def _current(self) -> Executor:
         if self._executor is None:
             if self.workers == 0:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headct-preprocess")
             else:
+                if self._slots is None:
+                    # Two per worker: a job whose caller gave up may still hold one while the next runs.
+                    self._slots = ArraySlots(2 * self.workers, RESULT_SLOT_BYTES)
                 self._executor = ProcessPoolExecutor(
                     max_workers=self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
@@ -198,27 +207,64 @@ class PreprocessPool:
     async def _submit(self, function: Callable[..., T], *args: Any) -> T:
         for attempt in (1, 2):
             executor = self._current()
+            slots = self._slots
+            slot = slots.lend() if slots is not None else None
             try:
-                future = executor.submit(function, *args)
+                future = (
+                    executor.submit(function, *args)
+                    if slots is None or slot is None
+                    else executor.submit(call_into_slot, slot, function, *args)
+                )
             except BrokenProcessPool:
                 # Broken before this job got in: nothing of it was lost, try once on a fresh pool.
+                if slots is not None and slot is not None:
+                    slots.give_back(slot)
                 self._replace(executor)
                 if attempt == 2:
                     raise self._lost() from None
                 continue
-            try:
-                return await asyncio.wrap_future(future)
-            except BrokenProcessPool as error:
-                self._replace(executor)
-                raise self._lost() from error
+            if slots is None or slot is None:
+                return await self._result(executor, future)
+            return await self._result_from_slot(executor, future, slots, slot)
         raise AssertionError("unreachable")
+
+    async def _result(self, executor: Executor, future: Future[T]) -> T:
+        try:
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool as error:
+            self._replace(executor)
+            raise self._lost() from error
+
+    async def _result_from_slot(
+        self, executor: Executor, future: Future[Any], slots: ArraySlots, slot: str
+    ) -> Any:
+        """The job's result with its array copied out of `slot`. The slot is lent again only once the
+        worker cannot write into it any more: after the copy, or when a job its caller left ends."""
+        try:
+            result = await self._result(executor, future)
+        except asyncio.CancelledError:
+            slots.give_back_when_done(slot, future)
+            raise
+        except BaseException:
+            slots.give_back(slot)
+            raise
+        try:
+            return slots.take(result)
+        finally:
+            slots.give_back(slot)
 
     def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Stop the workers: queued jobs are cancelled, a running one gets `timeout_s` to finish, then
         its worker is killed. Blocks up to `timeout_s` (call it off the event loop)."""
         executor, self._executor = self._executor, None
-        if executor is None:
-            return
+        slots, self._slots = self._slots, None
+        if executor is not None:
+            self._stop(executor, timeout_s)
+        if slots is not None:
+            slots.close()
+
+    @staticmethod
+    def _stop(executor: Executor, timeout_s: float) -> None:
         processes = list((getattr(executor, "_processes", None) or {}).values())
         # The executor's own shutdown reaps the workers; we only bound how long it may take.
         stopping = threading.Thread(

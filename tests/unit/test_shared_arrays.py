@@ -1,0 +1,102 @@
+"""The preprocessed tensor comes back from a real worker process through a shared-memory slot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from api.inference.shared_arrays import ArraySlots, SharedArray, call_into_slot
+from api.inference.workers import RESULT_SLOT_BYTES, PreprocessPool
+
+
+def scan_result(fill: float, delay_s: float = 0.0) -> tuple[str, np.ndarray, list[str], dict[str, float]]:
+    """Shaped like `_prepare`'s result: metadata, the fp16 model input, warnings, timings."""
+    time.sleep(delay_s)
+    return ("scan", np.full((3, 96, 96, 96), fill, dtype=np.float16), ["w"], {"decode": 0.1})
+
+
+def too_large() -> tuple[np.ndarray]:
+    return (np.arange(RESULT_SLOT_BYTES, dtype=np.float32),)
+
+
+@pytest.fixture
+def pool() -> Iterator[PreprocessPool]:
+    pool = PreprocessPool(1, retry_after_s=1)
+    yield pool
+    pool.shutdown()
+
+
+def test_slot_round_trip_in_this_process() -> None:
+    slots = ArraySlots(1, RESULT_SLOT_BYTES)
+    try:
+        slot = slots.lend()
+        assert slot is not None and slots.lend() is None  # one slot, lent
+        sent = call_into_slot(slot, scan_result, 2.5)
+        assert isinstance(sent[1], SharedArray)  # only a reference crosses the pipe
+        got = slots.take(sent)
+        slots.give_back(slot)
+        assert got[0] == "scan" and got[2] == ["w"] and got[3] == {"decode": 0.1}
+        assert got[1].dtype == np.float16 and got[1].shape == (3, 96, 96, 96) and np.all(got[1] == 2.5)
+        assert slots.free == 1
+    finally:
+        slots.close()
+
+
+async def _test_results_through_a_worker_are_private_copies(pool: PreprocessPool) -> None:
+    first = await pool.run(scan_result, 1.0)
+    second = await pool.run(scan_result, 2.0)
+    # The second scan reused the first one's slot: the first array must not have changed under us.
+    assert np.all(first[1] == 1.0) and np.all(second[1] == 2.0)
+    assert pool._slots is not None and pool._slots.free == 2
+
+
+async def _test_an_array_larger_than_a_slot_uses_the_pipe(pool: PreprocessPool) -> None:
+    (array,) = await pool.run(too_large)
+    assert array.size == RESULT_SLOT_BYTES and array[-1] == RESULT_SLOT_BYTES - 1
+    assert pool._slots is not None and pool._slots.free == 2
+
+
+async def _test_a_slot_is_not_lent_again_while_a_left_job_may_write_it(pool: PreprocessPool) -> None:
+    await pool.start()
+    slots = pool._slots
+    assert slots is not None
+    job = asyncio.ensure_future(pool.run(scan_result, 3.0, 0.5))
+    await asyncio.sleep(0.2)  # the job is running in the worker
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert slots.free == 1  # still the worker's until the job ends
+    deadline = time.monotonic() + 5
+    while slots.free != 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert slots.free == 2
+
+
+async def _test_shutdown_removes_the_segments(pool: PreprocessPool) -> None:
+    await pool.run(scan_result, 1.0)
+    assert pool._slots is not None
+    names = list(pool._slots._segments)
+    assert names and all(Path("/dev/shm", name).exists() for name in names)
+    pool.shutdown()
+    assert not any(Path("/dev/shm", name).exists() for name in names)
+
+
+def test_results_through_a_worker_are_private_copies(pool: PreprocessPool) -> None:
+    asyncio.run(_test_results_through_a_worker_are_private_copies(pool))
+
+
+def test_an_array_larger_than_a_slot_uses_the_pipe(pool: PreprocessPool) -> None:
+    asyncio.run(_test_an_array_larger_than_a_slot_uses_the_pipe(pool))
+
+
+def test_a_slot_is_not_lent_again_while_a_left_job_may_write_it(pool: PreprocessPool) -> None:
+    asyncio.run(_test_a_slot_is_not_lent_again_while_a_left_job_may_write_it(pool))
+
+
+def test_shutdown_removes_the_segments(pool: PreprocessPool) -> None:
+    asyncio.run(_test_shutdown_removes_the_segments(pool))
