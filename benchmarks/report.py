@@ -941,7 +941,9 @@ def _scan_cpu_section(cpu: ScanCpu) -> list[str]:
         "",
         *_table(["input", "file MB", "CPU s", "target", "status", "stages (ms)", "decoded MB/s"], kinds),
         "",
-        "Decoding levers, old way vs new way on the same bytes (CPU s per scan):",
+        "Levers, old way vs new way on the same bytes (CPU seconds per scan; `result_transfer_wall`: wall "
+        "seconds in the gateway, one worker; the workers' heap reuse is not here: it needs a process of its "
+        "own, see REPORT's notes):",
         "",
         *_table(["lever", "before", "after", "speed-up"], levers),
         "",

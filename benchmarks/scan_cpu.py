@@ -16,6 +16,12 @@ Levers (same bytes, side by side, median CPU seconds per scan):
 - ``dicom_parse``: headers parsed up to the pixel data, then the member read again for its pixels
   (before) vs one parse with the pixel data (`api.ingest.dicom.ParsedMembers`);
 - ``gzip``: `gzip.open` (before) vs ISA-L's `igzip.open`, reading the whole .nii.gz;
+- ``dicom_pixels``: pydicom's ``pixel_array`` (before) vs the plane read straight from the pixel bytes
+  (`api.ingest.dicom._native_plane`), uncompressed 16-bit slices;
+- ``validate``: the finiteness and Hounsfield rules, a pass each and a full air count (before) vs one
+  min/max pair and an air count that stops at the threshold (`api.ingest.validation`);
+- ``result_transfer_wall``: wall seconds for the model input to come back from a worker, pickled
+  through the pipe (before) vs a shared-memory slot (`api.inference.shared_arrays`);
 - ``nifti_voxels``: nibabel's scaled read ``np.array(proxy, float32)`` (before) vs the stored array
   read into a numpy buffer and cast (`api.ingest.nifti._voxels_float32`), for an unscaled int16 volume.
 
@@ -182,12 +188,103 @@ def _nifti_voxels(path: Path, repeats: int) -> dict[str, float]:
     }
 
 
+def _dicom_pixels(path: Path, repeats: int) -> dict[str, float]:
+    """pydicom's ``pixel_array`` vs the planes read straight from the pixel bytes, both from a fresh
+    parse (pydicom caches the array on the dataset)."""
+    import pydicom
+
+    from api.ingest import dicom
+
+    with zipfile.ZipFile(path) as archive:
+        members = [archive.read(info) for info in archive.infolist()]
+
+    def parsed() -> list[Any]:
+        return [
+            pydicom.dcmread(io.BytesIO(data), specific_tags=dicom._HEADER_AND_PIXEL_TAGS) for data in members
+        ]
+
+    def pixel_array() -> None:
+        for ds in parsed():
+            _ = ds.pixel_array
+
+    def native() -> None:
+        for ds in parsed():
+            _ = dicom._native_plane(ds)
+
+    return {"before_s": _cpu(pixel_array, repeats), "after_s": _cpu(native, repeats)}
+
+
+def _validate(path: Path, repeats: int) -> dict[str, float]:
+    """The finiteness and Hounsfield rules: a finiteness pass, min, max and a full air count (before)
+    vs one min/max pair for both rules and an air count that stops at the threshold (after)."""
+    from api.ingest import validation
+    from api.ingest.decode import decode_upload
+
+    volume = decode_upload(path, "application/octet-stream").volume
+
+    def before() -> None:
+        assert np.isfinite(volume.hu).all()
+        volume.hu.min(), volume.hu.max()
+        sample, _ = validation._sample(volume, 1.0)
+        np.count_nonzero((sample >= validation.AIR_HU[0]) & (sample <= validation.AIR_HU[1]))
+
+    def after() -> None:
+        known = validation.value_range(volume)
+        validation.require_finite(volume, known)
+        validation.require_hounsfield_units(volume, known)
+
+    return {"before_s": _cpu(before, repeats), "after_s": _cpu(after, repeats)}
+
+
+def model_input() -> tuple[None, np.ndarray]:
+    """A preprocessing worker's result, shaped like `_prepare`'s (for `_result_transfer`)."""
+    return (None, np.ones((3, 96, 96, 96), dtype=np.float16))
+
+
+def _result_transfer(repeats: int) -> dict[str, float]:
+    """Wall seconds for the fp16 model input to come back from a worker process: pickled through the
+    pool's pipe (before) vs a shared-memory slot (after). One worker, nothing else running."""
+    import asyncio
+
+    from api.inference.shared_arrays import ArraySlots
+    from api.inference.workers import PreprocessPool
+
+    async def median_s(pool: PreprocessPool) -> float:
+        samples = []
+        for _ in range(max(10, 4 * repeats)):
+            start = time.perf_counter()
+            await pool.run(model_input)
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    async def both() -> dict[str, float]:
+        pool = PreprocessPool(1, retry_after_s=1)
+        try:
+            await pool.start()
+            await median_s(pool)  # warm-up
+            after = await median_s(pool)
+            lend = ArraySlots.lend
+            ArraySlots.lend = lambda self: None  # type: ignore[method-assign]  # every job uses the pipe
+            try:
+                before = await median_s(pool)
+            finally:
+                ArraySlots.lend = lend  # type: ignore[method-assign]
+            return {"before_s": round(before, 5), "after_s": round(after, 5)}
+        finally:
+            pool.shutdown()
+
+    return asyncio.run(both())
+
+
 def levers(files: dict[str, Path], repeats: int) -> dict[str, dict[str, float]]:
     out = {
         "zip_inflate": _zip_inflate(files["dicom_zip_deflated"], repeats),
         "dicom_parse": _dicom_parse(files["dicom_zip_deflated"], repeats),
+        "dicom_pixels": _dicom_pixels(files["dicom_zip_deflated"], repeats),
         "gzip": _gzip(files["nifti_gz"], repeats),
         "nifti_voxels": _nifti_voxels(files["nifti_raw"], repeats),
+        "validate": _validate(files["nifti_raw"], repeats),
+        "result_transfer_wall": _result_transfer(repeats),
     }
     for lever in out.values():
         lever["speedup"] = round(lever["before_s"] / lever["after_s"], 2) if lever["after_s"] else 0.0
