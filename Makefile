@@ -49,11 +49,15 @@ $(PROTO_PY): $(PROTO) $(STAMP)
 setup: $(STAMP) $(PROTO_PY)
 
 # System tools the suite and chart-check use, from Debian: prometheus + promtool (rule tests, the real
-# scrape test), dicom3tools' dciodvfy (the DICOM SR answer's validation, tests/unit/test_dicom_sr.py).
-# Installed when missing if we are root; otherwise a clear message says what to install.
-DEBIAN_TOOLS := prometheus dicom3tools
+# scrape test), dicom3tools' dciodvfy (the DICOM SR answer's validation, tests/unit/test_dicom_sr.py),
+# orthanc + orthanc-dicomweb (the real PACS of the round-trip test, tests/orthanc.py: its own `Orthanc`
+# process and config; the package's own service plays no part). Installed when missing if we are root;
+# otherwise a clear message says what to install.
+DEBIAN_TOOLS := prometheus dicom3tools orthanc orthanc-dicomweb
 tools:
 	@missing=""; for tool in prometheus promtool dciodvfy; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	{ command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null || missing="$$missing Orthanc"; \
+	ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1 || missing="$$missing libOrthancDicomWeb.so"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing Debian packages: $(DEBIAN_TOOLS) (missing:$$missing)"; \

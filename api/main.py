@@ -15,7 +15,7 @@ from api import metrics
 from api.auth import KEY_LIMIT_RESPONSE, UNAUTHORIZED_RESPONSE, predict_slot, require_api_key
 from api.grpc.server import GrpcGateway
 from api.http.request_context import RequestContextMiddleware
-from api.http.routers import health, models, predict
+from api.http.routers import health, models, predict, studies
 from api.inference.service import PredictionService
 from api.inference.triton import TritonModel
 from api.lifecycle import Lifecycle
@@ -86,11 +86,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(
         models.router, dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED_RESPONSE
     )
-    app.include_router(
-        predict.router,
-        dependencies=[Depends(predict_slot)],
-        responses={**UNAUTHORIZED_RESPONSE, **KEY_LIMIT_RESPONSE},
-    )
+    for prediction in (predict.router, studies.router):
+        app.include_router(
+            prediction,
+            dependencies=[Depends(predict_slot)],
+            responses={**UNAUTHORIZED_RESPONSE, **KEY_LIMIT_RESPONSE},
+        )
     # Outermost of ours: it sees the final status, also of requests that raise.
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -28,7 +28,7 @@ STATUS_MEANINGS: dict[int, str] = {
     400: "the request cannot be read",
     401: "API key missing or wrong (only when keys are configured); with `WWW-Authenticate`",
     403: "the API key may not do this (e.g. send a priority lane it is not allowed)",
-    404: "no such route",
+    404: "no such route, or no such study in the PACS",
     405: "the route does not take this method",
     406: "the `Accept` header allows none of the answer's media types",
     413: "the upload is too large",
@@ -36,8 +36,8 @@ STATUS_MEANINGS: dict[int, str] = {
     422: "a readable scan that is not a usable head CT (`field`, `observed`, `expected` say why)",
     429: "too many requests at once; with `Retry-After`",
     500: "the deployment is broken",
-    502: "the inference server failed the request",
-    503: "not ready or going away; with `Retry-After` (also on `/readyz`)",
+    502: "the inference server or the PACS failed the request",
+    503: "not ready or going away; with `Retry-After` (also on `/readyz`); or a feature not configured",
     504: "the request's deadline passed",
 }
 
@@ -85,7 +85,8 @@ class ProblemCode(enum.Enum):
         400,
         _S.INVALID_ARGUMENT,
         "Invalid include",
-        "`include` asks for an extra that does not exist (only `embedding` does)",
+        "`include` asks for an extra that does not exist (only `embedding` and `attention` do), or "
+        "`attention` from a model exported without maps",
     )
     INVALID_REQUEST = (
         "invalid_request",
@@ -135,6 +136,13 @@ class ProblemCode(enum.Enum):
         _S.UNIMPLEMENTED,
         "Method not allowed",
         "the route exists but not for this HTTP method (REST only)",
+    )
+    STUDY_NOT_FOUND = (
+        "study_not_found",
+        404,
+        _S.NOT_FOUND,
+        "Study not found",
+        "the DICOMweb server (`HEADCT_DICOMWEB_URL`) has no study with this StudyInstanceUID (REST only)",
     )
     # --- 406: no acceptable answer format -----------------------------------------------------------------
     NOT_ACCEPTABLE = (
@@ -339,6 +347,30 @@ class ProblemCode(enum.Enum):
         "Inference failed",
         "Triton failed the request or answered something malformed",
     )
+    PACS_UNREACHABLE = (
+        "pacs_unreachable",
+        502,
+        _S.INTERNAL,
+        "PACS unreachable",
+        "the DICOMweb server (`HEADCT_DICOMWEB_URL`) cannot be reached: connection refused or reset, "
+        "unknown host, TLS failure",
+    )
+    PACS_ERROR = (
+        "pacs_error",
+        502,
+        _S.INTERNAL,
+        "PACS error",
+        "the DICOMweb server answered an error (5xx, or a 4xx other than 404 / 401 / 403) or something "
+        "that is not DICOM, or refused the stored SR",
+    )
+    PACS_AUTH_FAILED = (
+        "pacs_auth_failed",
+        502,
+        _S.INTERNAL,
+        "PACS authentication failed",
+        "the DICOMweb server refused the gateway's credentials (401 / 403): check "
+        "`HEADCT_DICOMWEB_USERNAME` / `_PASSWORD` / `_TOKEN`",
+    )
     # --- 503: not ready / going away ----------------------------------------------------------------------
     MODEL_UNAVAILABLE = (
         "model_unavailable",
@@ -383,6 +415,13 @@ class ProblemCode(enum.Enum):
         "Model card stale",
         "Triton serves another version than its config's card describes (e.g. mid-update)",
     )
+    PACS_NOT_CONFIGURED = (
+        "pacs_not_configured",
+        503,
+        _S.UNAVAILABLE,
+        "PACS not configured",
+        "this gateway has no DICOMweb server to read studies from (`HEADCT_DICOMWEB_URL` is unset)",
+    )
     # --- 504: deadline --------------------------------------------------------------------------------
     DEADLINE_EXCEEDED = (
         "deadline_exceeded",
@@ -397,6 +436,13 @@ class ProblemCode(enum.Enum):
         _S.DEADLINE_EXCEEDED,
         "Inference timeout",
         "Triton did not answer within `HEADCT_INFERENCE_TIMEOUT_S`",
+    )
+    PACS_TIMEOUT = (
+        "pacs_timeout",
+        504,
+        _S.DEADLINE_EXCEEDED,
+        "PACS timeout",
+        "the DICOMweb server did not answer within `HEADCT_DICOMWEB_TIMEOUT_S`",
     )
 
     @classmethod

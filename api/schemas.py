@@ -20,6 +20,26 @@ class Finding(BaseModel):
     positive: bool = Field(description="probability >= threshold")
 
 
+class AttentionMap(BaseModel):
+    """One finding's explanation map on the model's patch grid (`include=attention`)."""
+
+    grid: list[int] = Field(description="cells per axis of the model input, [8, 8, 8]")
+    method: str = Field(
+        description="`head_query`: the attentive head's learned query over the patch tokens; "
+        "`cls_last_block`: the backbone's last-block CLS->patch attention (linear heads); both averaged "
+        "over the attention heads"
+    )
+    values: list[float] = Field(
+        description="grid[0]*grid[1]*grid[2] non-negative weights summing to 1, in C order (last axis "
+        "fastest): values[(i*grid[1] + j)*grid[2] + k] covers model-input voxels "
+        "[12i, 12i+12) x [12j, 12j+12) x [12k, 12k+12)"
+    )
+    space: str = Field(
+        description="`model_input_ras`: the preprocessed 96^3 model input, array axes toward patient "
+        "Right, Anterior, Superior (not the uploaded file's voxel grid)"
+    )
+
+
 class InputSummary(BaseModel):
     shape: list[int] = Field(description="voxels of the decoded volume, in file array order")
     spacing_mm: list[float]
@@ -47,11 +67,36 @@ class PredictResponse(BaseModel):
     model: ModelRef
     findings: list[Finding]
     embedding: list[float] | None = None
+    # Only present when asked for (`include=attention`): absent, not null, otherwise.
+    attention: dict[str, AttentionMap] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="per requested finding, its explanation map (`include=attention`)",
+    )
     input: InputSummary
     warnings: list[Warning] = Field(default_factory=list)
     timings_ms: Timings
     priority: str = Field(default="routine", description="the priority lane it ran in: stat, routine or bulk")
     notice: str | None = Field(default=None, description="set for the synthetic demo model")
+
+
+class StoredInstance(BaseModel):
+    """One object the gateway stored in the PACS (STOW-RS)."""
+
+    sop_class_uid: str = Field(
+        description="SOPClassUID, e.g. 1.2.840.10008.5.1.4.1.1.88.34 (Comprehensive 3D SR)"
+    )
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+class StudyPredictResponse(PredictResponse):
+    """`POST /v1/studies/{study_uid}/predict`: the `PredictResponse` of the study's series, plus what was
+    stored back into the study (empty unless `store=true`)."""
+
+    stored: list[StoredInstance] = Field(
+        default_factory=list, description="objects stored into the study in the PACS (the DICOM SR)"
+    )
 
 
 class TaskInfo(BaseModel):

@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.ingest.scan import IngestLimits
@@ -133,6 +133,30 @@ class Settings(BaseSettings):
     max_member_bytes: int = Field(default=2 << 30, ge=1, description="one zip entry / multipart part")
     max_compression_ratio: float = Field(default=250.0, gt=1, description="zip inflation bound")
     max_voxels: int = Field(default=1 << 28, ge=1, description="voxels of the decoded volume")
+
+    # PACS round trip (`POST /v1/studies/{study_uid}/predict`, api/dicomweb/). Unset URL = that route
+    # answers 503 pacs_not_configured.
+    dicomweb_url: str | None = Field(
+        default=None,
+        description="base URL of the DICOMweb server (QIDO-RS, WADO-RS, STOW-RS), e.g. "
+        "http://orthanc:8042/dicom-web; unset: the studies route answers 503",
+    )
+    dicomweb_username: str | None = Field(default=None, description="HTTP basic auth user for the PACS")
+    dicomweb_password: SecretStr | None = Field(default=None, description="HTTP basic auth password")
+    dicomweb_token: SecretStr | None = Field(
+        default=None, description="bearer token for the PACS (instead of username / password)"
+    )
+    dicomweb_credentials_dir: str | None = Field(
+        default=None,
+        description="a directory (a mounted Secret) with the PACS credentials as files: `username` + "
+        "`password`, or `token`; read per request (a rotated Secret applies); the variables above win",
+    )
+    dicomweb_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="deadline for each PACS step (search + retrieve of the study, store of the SR); "
+        "beyond it: 504 pacs_timeout",
+    )
 
     @property
     def bulk_inflight_limit(self) -> int:

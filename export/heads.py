@@ -72,6 +72,20 @@ class AttentiveHead(nn.Module):
         self.wkv = nn.Linear(embed_dim, 2 * embed_dim, bias=False)
         self.linear = nn.Linear(embed_dim, NUM_CLASSES)
 
+    def attention_weights(self, tokens: Tensor) -> Tensor:
+        """The learned query's attention weights over all tokens, averaged over the heads: (B, T).
+
+        The same softmax as in ``forward`` (including the double 1/sqrt(head_dim) scaling); only the keys
+        are computed (the k rows of ``wkv``), never the values.
+        """
+        batch = tokens.shape[0]
+        q = self.cls_token.expand(batch, -1, -1).unflatten(-1, (self.num_heads, self.head_dim))
+        q = q.transpose(1, 2) * self.scale  # (B, H, 1, hd)
+        x = batch_norm_last_dim(self.bn1, tokens)
+        k = F.linear(x, self.wkv.weight[: self.embed_dim]).unflatten(-1, (self.num_heads, self.head_dim))
+        scores = torch.matmul(q, k.transpose(1, 2).transpose(-1, -2)) * self.scale  # (B, H, 1, T)
+        return torch.softmax(scores, dim=-1).mean(dim=1)[:, 0, :]
+
     def forward(self, tokens: Tensor) -> Tensor:
         batch = tokens.shape[0]
         q = self.cls_token.expand(batch, -1, -1).unflatten(-1, (self.num_heads, self.head_dim))

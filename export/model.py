@@ -144,6 +144,22 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.qkv_bias)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
 
+    def cls_attention(self, x: Tensor) -> Tensor:
+        """The CLS query's attention weights over all tokens, averaged over the heads: (B, num_tokens).
+
+        ``x`` is this attention's (normed) input. softmax(q_cls . K^T / sqrt(head_dim)) per head, exactly the
+        row SDPA uses for token 0 in ``forward``; only the q of token 0 and the keys are computed (from the
+        q and k rows of the fused qkv weight), so it costs about a third of one qkv projection.
+        """
+        dim = self.embed_dim
+        bias = self.qkv.bias
+        q = F.linear(x[:, :1, :], self.qkv.weight[:dim], None if bias is None else bias[:dim])
+        k = F.linear(x, self.qkv.weight[dim : 2 * dim], None if bias is None else bias[dim : 2 * dim])
+        q = q.reshape(-1, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+        k = k.reshape(-1, self.num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, H, 1, N)
+        return torch.softmax(scores, dim=-1).mean(dim=1)[:, 0, :]
+
     def forward(self, x: Tensor) -> Tensor:
         # qkv rows are [q; k; v], each split into heads: (B, N, 3, H, hd) -> (3, B, H, N, hd).
         qkv = self.qkv(x).reshape(-1, self.num_tokens, 3, self.num_heads, self.head_dim)
@@ -178,6 +194,18 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.att_norm(x))
         return x + self.mlp(self.ffn_norm(x))
+
+
+def patch_attention_grid(weights: Tensor, num_prefix_tokens: int, grid_size: int) -> Tensor:
+    """Attention over all tokens (B, T) -> over the patch grid (B, g, g, g), renormalised to sum 1.
+
+    Drops the CLS/register tokens (the first ``num_prefix_tokens``); the patch tokens are in PatchEmbedding's
+    order (the Conv3d output flattened in C order: axis 0 slowest), so a C-order reshape puts patch
+    (i, j, k) at grid index [i, j, k] in the model input's axis order.
+    """
+    patches = weights[:, num_prefix_tokens:]
+    patches = patches / patches.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(patches.dtype).tiny)
+    return patches.reshape(-1, grid_size, grid_size, grid_size)
 
 
 class FMHCTViT(nn.Module):
@@ -240,3 +268,22 @@ class FMHCTViT(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.norm(h)
+
+    def forward_features_with_cls_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward_features`` plus the last block's CLS attention over all tokens (B, num_tokens),
+        averaged over the heads (``SelfAttention.cls_attention``).
+
+        The last block runs the same operations as ``Block.forward`` on the same tensors (its normed input
+        is shared with the attention read-out, so an export keeps one LayerNorm node per module), hence the
+        tokens are bit-identical to ``forward_features``.
+        """
+        h = self.prepare_tokens(x)
+        *body, last = list(self.blocks)
+        for block in body:
+            h = block(h)
+        assert isinstance(last, Block)
+        normed = last.att_norm(h)
+        weights = last.attn.cls_attention(normed)
+        h = h + last.attn(normed)
+        h = h + last.mlp(last.ffn_norm(h))
+        return self.norm(h), weights

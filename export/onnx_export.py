@@ -1,7 +1,8 @@
 """Export a ServingGraph to ONNX and prove the ONNX graph computes what the PyTorch graph computes.
 
 `export_onnx` writes the graph with the contract's tensor names (FP16 `image` [batch,3,96,96,96] in,
-FP32 `probabilities` [batch,N] and `embedding` [batch,D] out; only the batch axis is dynamic), then
+FP32 `probabilities` [batch,N], `embedding` [batch,D] and `attention` [batch,N,8,8,8] out; only the batch
+axis is dynamic), then
 verifies it: opset, one `LayerNormalization` node per `nn.LayerNorm`, shapes/dtypes, `onnx.checker`.
 `check_parity` runs PyTorch and ONNX Runtime (CPU, FP32 compute) on the same random fp16-representable
 volumes at batch sizes other than the export batch, so a batch size baked in by the tracer shows up.
@@ -35,6 +36,8 @@ EXPORT_BATCH_SIZE = 2
 PROBABILITY_TOLERANCE = 1e-4
 # Embeddings come out of the final LayerNorm (order-1 values); FP32 reduction-order noise is ~1e-6.
 EMBEDDING_TOLERANCE = 1e-3
+# Attention maps are softmax weights renormalised over 512 cells (values ~1/512): same bound as probabilities.
+ATTENTION_TOLERANCE = 1e-4
 
 _BATCH_AXIS = "batch"
 
@@ -44,11 +47,24 @@ def is_probabilities_output(name: str) -> bool:
     return name.split(contract.GROUP_SEPARATOR)[0] == contract.PROBABILITIES_NAME
 
 
-def _output_widths(graph: nn.Module) -> dict[str, int]:
+def is_attention_output(name: str) -> bool:
+    """``attention`` or ``attention__<group>``."""
+    return name.split(contract.GROUP_SEPARATOR)[0] == contract.ATTENTION_NAME
+
+
+def _output_shapes(graph: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Output name -> shape without the batch axis (`output_shapes`, or `output_widths` as 1-D shapes)."""
+    shapes = getattr(graph, "output_shapes", None)
+    if isinstance(shapes, dict) and shapes:
+        return {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
     widths = getattr(graph, "output_widths", None)
     if not isinstance(widths, dict) or not widths:
         raise OnnxExportError(f"{type(graph).__name__} does not declare its outputs (output_widths)")
-    return dict(widths)
+    return {name: (int(width),) for name, width in widths.items()}
+
+
+def _as_shapes(outputs: dict[str, int] | dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    return {name: (dims,) if isinstance(dims, int) else tuple(dims) for name, dims in outputs.items()}
 
 
 class OnnxExportError(RuntimeError):
@@ -74,6 +90,8 @@ class OnnxExportInfo:
     size_bytes: int
     seconds: float
     outputs: dict[str, int] = field(default_factory=dict)  # output name -> width, in graph order
+    # output name -> shape without the batch axis, in graph order (attention: (N, 8, 8, 8))
+    output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,7 @@ class BatchParity:
     batch_size: int
     max_abs_probability_diff: float
     max_abs_embedding_diff: float
+    max_abs_attention_diff: float = 0.0  # 0.0 when the graph has no attention output
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,11 @@ class ParityReport:
     seed: int
     probability_tolerance: float = PROBABILITY_TOLERANCE
     embedding_tolerance: float = EMBEDDING_TOLERANCE
+    attention_tolerance: float = ATTENTION_TOLERANCE
+
+    @property
+    def max_abs_attention_diff(self) -> float:
+        return _worst(b.max_abs_attention_diff for b in self.batches)
 
     @property
     def max_abs_probability_diff(self) -> float:
@@ -106,19 +130,21 @@ class ParityReport:
         return bool(
             self.max_abs_probability_diff <= self.probability_tolerance
             and self.max_abs_embedding_diff <= self.embedding_tolerance
+            and self.max_abs_attention_diff <= self.attention_tolerance
         )
 
     def summary(self) -> str:
         per_batch = ", ".join(
             f"batch {b.batch_size}: |dprob| {b.max_abs_probability_diff:.3e} "
-            f"|demb| {b.max_abs_embedding_diff:.3e}"
+            f"|demb| {b.max_abs_embedding_diff:.3e} |dattn| {b.max_abs_attention_diff:.3e}"
             for b in self.batches
         )
         verdict = "PASS" if self.passed else "FAIL"
         return (
             f"parity torch vs onnxruntime-cpu {verdict}: max |dprobability| "
             f"{self.max_abs_probability_diff:.3e} (tol {self.probability_tolerance:.0e}), max |dembedding| "
-            f"{self.max_abs_embedding_diff:.3e} (tol {self.embedding_tolerance:.0e}) [{per_batch}]"
+            f"{self.max_abs_embedding_diff:.3e} (tol {self.embedding_tolerance:.0e}), max |dattention| "
+            f"{self.max_abs_attention_diff:.3e} (tol {self.attention_tolerance:.0e}) [{per_batch}]"
         )
 
     def raise_if_failed(self) -> None:
@@ -155,14 +181,19 @@ def export_onnx(
     graph = graph.eval()
     started = time.perf_counter()
     example = example_input(EXPORT_BATCH_SIZE, seed=0)
-    widths = _output_widths(graph)
+    shapes = _output_shapes(graph)
+    widths = {name: shape[0] for name, shape in shapes.items()}
     with torch.inference_mode():
         produced = graph(example)
-    got = {name: int(tensor.shape[1]) for name, tensor in zip(widths, produced, strict=True)}
-    if got != widths:
-        raise OnnxExportError(f"graph outputs {got} differ from its declared outputs {widths}")
+    got = {
+        name: tuple(int(d) for d in tensor.shape[1:]) for name, tensor in zip(shapes, produced, strict=True)
+    }
+    if got != shapes:
+        raise OnnxExportError(f"graph outputs {got} differ from its declared outputs {shapes}")
     num_tasks = sum(w for name, w in widths.items() if is_probabilities_output(name))
-    embedding_dim = next(w for name, w in widths.items() if not is_probabilities_output(name))
+    embedding_dim = next(
+        w for name, w in widths.items() if not is_probabilities_output(name) and not is_attention_output(name)
+    )
 
     with _affine_batch_norms(graph), warnings.catch_warnings():
         # Choosing the TorchScript exporter is deliberate (below); its deprecation notice is noise here.
@@ -186,14 +217,14 @@ def export_onnx(
         )
 
     model = onnx.load(str(path))
-    if _pin_output_dims(model, widths):
+    if _pin_output_dims(model, shapes):
         # FM-HCT is < 400 MB, far below protobuf's 2 GB limit, so the model stays one file.
         onnx.save(model, str(path))
     layer_norms = verify_onnx_graph(
         model,
         opset=opset,
         expected_layer_norms=_count_layer_norms(graph),
-        outputs=widths,
+        outputs=shapes,
     )
     del model
     # The path form checks the file as written (and would work past 2 GB); full_check runs shape inference.
@@ -210,6 +241,7 @@ def export_onnx(
         size_bytes=path.stat().st_size,
         seconds=time.perf_counter() - started,
         outputs=widths,
+        output_shapes=shapes,
     )
 
 
@@ -244,15 +276,19 @@ def _count_layer_norms(graph: nn.Module) -> int:
     return sum(1 for module in graph.modules() if isinstance(module, nn.LayerNorm))
 
 
-def _pin_output_dims(model: onnx.ModelProto, widths: dict[str, int]) -> bool:
-    """Replace a symbolic feature dim the tracer left on an output by its known static value."""
+def _pin_output_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Replace symbolic non-batch dims the tracer left on an output by their known static values."""
     changed = False
     for output in model.graph.output:
         dims = output.type.tensor_type.shape.dim
-        if output.name in widths and len(dims) == 2 and not dims[1].HasField("dim_value"):
-            dims[1].Clear()
-            dims[1].dim_value = widths[output.name]
-            changed = True
+        shape = shapes.get(output.name)
+        if shape is None or len(dims) != 1 + len(shape):
+            continue
+        for dim, size in zip(list(dims)[1:], shape, strict=True):
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = size
+                changed = True
     return changed
 
 
@@ -270,11 +306,12 @@ def verify_onnx_graph(
     expected_layer_norms: int,
     num_tasks: int | None = None,
     embedding_dim: int | None = None,
-    outputs: dict[str, int] | None = None,
+    outputs: dict[str, int] | dict[str, tuple[int, ...]] | None = None,
 ) -> int:
     """Check the exported graph against the serving contract; return the LayerNormalization node count.
 
-    `outputs` maps output names to widths in order; a one-group graph may give `num_tasks` and
+    `outputs` maps output names to widths (2-D outputs) or shapes without the batch axis, in order; a
+    one-group graph may give `num_tasks` and
     `embedding_dim` instead.
     """
     if outputs is None:
@@ -302,14 +339,14 @@ def verify_onnx_graph(
     graph_outputs = {o.name: o for o in model.graph.output}
     if list(graph_outputs) != list(outputs):
         problems.append(f"outputs are {list(graph_outputs)}, expected {list(outputs)}")
-    for name, width in outputs.items():
+    for name, shape in _as_shapes(outputs).items():
         if name not in graph_outputs:
             continue
         if graph_outputs[name].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             problems.append(f"{name} is not FLOAT")
         dims = _dims(graph_outputs[name])
-        if len(dims) != 2 or not isinstance(dims[0], str) or dims[1] != width:
-            problems.append(f"{name} dims {dims}: expected [batch, {width}]")
+        if len(dims) != 1 + len(shape) or not isinstance(dims[0], str) or tuple(dims[1:]) != shape:
+            problems.append(f"{name} dims {dims}: expected [batch, {', '.join(map(str, shape))}]")
 
     op_types = [node.op_type for node in model.graph.node]
     layer_norms = op_types.count("LayerNormalization")
@@ -331,6 +368,7 @@ def check_parity(
     seed: int = 0,
     probability_tolerance: float = PROBABILITY_TOLERANCE,
     embedding_tolerance: float = EMBEDDING_TOLERANCE,
+    attention_tolerance: float = ATTENTION_TOLERANCE,
     intra_op_threads: int = 0,
 ) -> ParityReport:
     """Run `graph` (PyTorch) and the ONNX file (ONNX Runtime, CPU) on the same inputs; report max |diff|."""
@@ -340,7 +378,7 @@ def check_parity(
     options.intra_op_num_threads = intra_op_threads
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     graph = graph.eval()
-    names = list(_output_widths(graph))
+    names = list(_output_shapes(graph))
     results: list[BatchParity] = []
     for offset, batch_size in enumerate(batch_sizes):
         image = example_input(batch_size, seed=seed + offset)
@@ -349,16 +387,23 @@ def check_parity(
         got = session.run(names, {contract.INPUT_NAME: image.numpy()})
         probability_diffs: list[float] = []
         embedding_diffs: list[float] = []
+        attention_diffs: list[float] = [0.0]
         for name, ours, theirs in zip(names, got, want, strict=True):
             if ours.shape != theirs.shape:
                 raise ParityError(f"{name}: onnxruntime shape {ours.shape} != torch shape {theirs.shape}")
-            diffs = probability_diffs if is_probabilities_output(name) else embedding_diffs
+            if is_probabilities_output(name):
+                diffs = probability_diffs
+            elif is_attention_output(name):
+                diffs = attention_diffs
+            else:
+                diffs = embedding_diffs
             diffs.append(_max_abs_diff(ours, theirs))
         results.append(
             BatchParity(
                 batch_size=batch_size,
                 max_abs_probability_diff=_worst(probability_diffs),
                 max_abs_embedding_diff=_worst(embedding_diffs),
+                max_abs_attention_diff=_worst(attention_diffs),
             )
         )
     return ParityReport(
@@ -366,6 +411,7 @@ def check_parity(
         seed=seed,
         probability_tolerance=probability_tolerance,
         embedding_tolerance=embedding_tolerance,
+        attention_tolerance=attention_tolerance,
     )
 
 

@@ -175,6 +175,9 @@ def current_entry(
         and (request.version is None or card.triton_version == request.version)
         and repository.existing_versions(model_dir)[-1:] == [card.triton_version]
         and all((version_dir / name).is_file() for name in repository.version_artifacts(request.target))
+        # An entry exported before explanation maps existed lacks the attention outputs: re-export.
+        and all(group.attention_output is not None for group in card.groups if group.tasks)
+        and all(task.attention_method is not None for task in card.tasks)
     )
     return card if current else None
 
@@ -264,10 +267,12 @@ def _load_and_group(request: ExportRequest, backbone_sha256: dict[Path, str], lo
                 {task: heads[task] for task in group.tasks},
                 probabilities_output=group.probabilities_output,
                 embedding_output=group.embedding_output,
+                attention_output=group.attention_output,
             )
             for group in groups
         ]
     )
+    attention_methods = graph.attention_methods
     group_of = {task: group for group in groups for task in group.tasks}
     embedding_group = group_of[request.tasks[0].name] if request.backbone is None else groups[0]
     for group in groups:
@@ -283,6 +288,7 @@ def _load_and_group(request: ExportRequest, backbone_sha256: dict[Path, str], lo
             group=group_of[spec.name].name,
             pairing=pairings[spec.name].status,
             pairing_detail=pairings[spec.name].detail,
+            attention_method=attention_methods[spec.name],
         )
         for spec in request.tasks
     ]
@@ -301,6 +307,7 @@ def _card_groups(groups: Sequence[tasks_module.BackboneGroup]) -> list[BackboneG
             tasks=list(group.tasks),
             probabilities_output=group.probabilities_output,
             embedding_output=group.embedding_output,
+            attention_output=group.attention_output,
         )
         for group in groups
     ]

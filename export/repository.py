@@ -93,11 +93,18 @@ def _datatype(wire: str) -> int:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """One FP32 [batch, width] output; `labels` names its columns (a probabilities output's tasks)."""
+    """One FP32 [batch, width, *extra_dims] output; `labels` names its columns (a probabilities output's
+    tasks). An attention output is [batch, n_tasks, 8, 8, 8]: width n_tasks, extra_dims (8, 8, 8)."""
 
     name: str
     width: int
     labels: tuple[str, ...] = ()
+    extra_dims: tuple[int, ...] = ()
+
+    @property
+    def dims(self) -> list[int]:
+        """The config's dims (without the batch axis)."""
+        return [self.width, *self.extra_dims]
 
     @property
     def label_filename(self) -> str:
@@ -113,6 +120,11 @@ def card_outputs(card: ModelCard) -> list[OutputSpec]:
         if group.probabilities_output is not None:
             outputs.append(OutputSpec(group.probabilities_output, len(group.tasks), tuple(group.tasks)))
         outputs.append(OutputSpec(group.embedding_output, int(group.architecture["embed_dim"])))
+        if group.attention_output is not None:
+            grid = int(group.architecture["img_size"]) // int(group.architecture["patch_size"])
+            outputs.append(
+                OutputSpec(group.attention_output, len(group.tasks), extra_dims=(grid, grid, grid))
+            )
     return outputs
 
 
@@ -185,7 +197,7 @@ def _add_tensors(config: mc.ModelConfig, outputs: Sequence[OutputSpec]) -> None:
     )
     for output in outputs:
         tensor = config.output.add(
-            name=output.name, data_type=_datatype(contract.OUTPUT_DATATYPE), dims=[output.width]
+            name=output.name, data_type=_datatype(contract.OUTPUT_DATATYPE), dims=output.dims
         )
         if output.labels:
             tensor.label_filename = output.label_filename

@@ -2,10 +2,16 @@
 
 Wire contract (``headct.contract``): input ``image`` FP16 (B, 3, 96, 96, 96). Per backbone group, in
 group order: FP32 (B, n) probabilities = softmax(logits)[:, 1] per task of the group (absent for an
-embedding-only group), then FP32 (B, D) embedding = CLS token of that backbone's final-normed tokens.
-A graph with one group names them ``probabilities`` and ``embedding``; with several,
-``probabilities__<group>`` and ``embedding__<group>`` (``headct.contract.probabilities_output``). Only the
-batch dimension is dynamic.
+embedding-only group), then FP32 (B, D) embedding = CLS token of that backbone's final-normed tokens,
+then (groups with heads) FP32 (B, n, 8, 8, 8) attention = one explanation map per task over the 8x8x8
+patch grid (model-input axis order, each map summing to 1): an ``AttentiveHead``'s own query attention
+over the patch tokens ("head_query"), else the last block's CLS->patch attention ("cls_last_block"),
+both averaged over the attention heads. A graph with one group names them ``probabilities``,
+``embedding`` and ``attention``; with several, ``probabilities__<group>`` etc.
+(``headct.contract.probabilities_output``). Only the batch dimension is dynamic.
+
+The attention read-out adds no parameters and does not change the probabilities or the embedding (the
+same operations on the same tensors); a runtime that does not fetch ``attention`` can drop its nodes.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from export.model import FMHCTViT
+from export.heads import AttentiveHead
+from export.model import FMHCTViT, patch_attention_grid
 from headct import contract
 from headct.contract import INPUT_CHANNELS, INPUT_NAME, INPUT_SPATIAL
 
@@ -31,6 +38,7 @@ class GraphGroup(nn.Module):
         *,
         probabilities_output: str | None = contract.PROBABILITIES_NAME,
         embedding_output: str = contract.EMBEDDING_NAME,
+        attention_output: str | None = "",
     ) -> None:
         super().__init__()
         cfg = backbone.config
@@ -55,18 +63,64 @@ class GraphGroup(nn.Module):
         self.task_names: list[str] = list(heads)
         self.probabilities_output = probabilities_output
         self.embedding_output = embedding_output
+        # No attention output without heads (an embedding-only group has nothing to explain). "" (the
+        # default) names it after the probabilities output: `attention`, or `attention__<group>`.
+        if attention_output == "" and probabilities_output is not None:
+            _, separator, group = probabilities_output.partition(contract.GROUP_SEPARATOR)
+            attention_output = contract.attention_output(group if separator else None)
+        self.attention_output = attention_output if heads else None
+
+    @property
+    def attention_methods(self) -> dict[str, contract.AttentionMethod]:
+        """Task -> how its map is made: "head_query" (AttentiveHead) or "cls_last_block" (any other head)."""
+        return {
+            task: contract.ATTENTION_HEAD_QUERY
+            if isinstance(head, AttentiveHead)
+            else contract.ATTENTION_CLS_LAST_BLOCK
+            for task, head in zip(self.task_names, self.heads, strict=True)
+        }
+
+    @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Output name -> shape without the batch axis, in output order."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.probabilities_output:
+            shapes[self.probabilities_output] = (len(self.heads),)
+        shapes[self.embedding_output] = (self.backbone.config.embed_dim,)
+        if self.attention_output:
+            shapes[self.attention_output] = (len(self.heads), *(self.backbone.config.grid_size,) * 3)
+        return shapes
 
     @property
     def output_widths(self) -> dict[str, int]:
-        widths = {self.probabilities_output: len(self.heads)} if self.probabilities_output else {}
-        return {**widths, self.embedding_output: self.backbone.config.embed_dim}
+        """Output name -> size of the first non-batch axis (the width of the 2-D outputs)."""
+        return {name: shape[0] for name, shape in self.output_shapes.items()}
 
     def forward(self, image: Tensor) -> list[Tensor]:
-        tokens = self.backbone.forward_features(image)
+        cfg = self.backbone.config
+        needs_cls = self.attention_output is not None and any(
+            method == contract.ATTENTION_CLS_LAST_BLOCK for method in self.attention_methods.values()
+        )
+        cls_weights: Tensor | None = None
+        if needs_cls:
+            tokens, cls_weights = self.backbone.forward_features_with_cls_attention(image)
+        else:
+            tokens = self.backbone.forward_features(image)
         outputs = []
         if self.heads:
             outputs.append(torch.stack([torch.softmax(h(tokens), dim=-1)[:, 1] for h in self.heads], dim=1))
         outputs.append(tokens[:, 0, :])
+        if self.attention_output is not None:
+            prefix = 1 + cfg.num_register_tokens
+            maps = []
+            for head in self.heads:
+                if isinstance(head, AttentiveHead):
+                    weights = head.attention_weights(tokens)
+                else:
+                    assert cls_weights is not None
+                    weights = cls_weights
+                maps.append(patch_attention_grid(weights, prefix, cfg.grid_size))
+            outputs.append(torch.stack(maps, dim=1))
         return outputs
 
 
@@ -126,9 +180,19 @@ class ServingGraph(nn.Module):
         return [task for group in self._group_list for task in group.task_names]
 
     @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Output name -> shape without the batch axis, in output order."""
+        return {name: shape for group in self._group_list for name, shape in group.output_shapes.items()}
+
+    @property
     def output_widths(self) -> dict[str, int]:
-        """Output name -> feature width, in output order."""
+        """Output name -> size of the first non-batch axis (feature width of the 2-D outputs), in order."""
         return {name: width for group in self._group_list for name, width in group.output_widths.items()}
+
+    @property
+    def attention_methods(self) -> dict[str, contract.AttentionMethod]:
+        """Task -> attention method ("head_query" | "cls_last_block"), for the model card."""
+        return {task: m for group in self._group_list for task, m in group.attention_methods.items()}
 
     @property
     def output_names(self) -> tuple[str, ...]:

@@ -127,6 +127,7 @@ class BackboneGroup:
     tasks: list[str] = field(default_factory=list)
     probabilities_output: str | None = None
     embedding_output: str = contract.EMBEDDING_NAME
+    attention_output: str | None = None
 
 
 def group_backbones(
@@ -159,4 +160,5 @@ def group_backbones(
         group.embedding_output = contract.embedding_output(None if single else name)
         if group.tasks:
             group.probabilities_output = contract.probabilities_output(None if single else name)
+            group.attention_output = contract.attention_output(None if single else name)
     return result

@@ -13,6 +13,13 @@ branches costs as much as both), so a model with several groups is split at load
 group (`onnx.utils.Extractor`, input `image` -> that group's outputs), and a batch runs only the groups
 whose outputs its requests ask for: a `tasks=` subset pays only for the backbones it needs.
 
+Explanation maps: a group's `attention` output (model card `attention_output`) is optional work. Since ORT
+cannot skip it inside one session, each group with one gets two sessions, one without the attention nodes
+(what a request that does not name `attention` runs, the same nodes as a graph exported without it) and
+one with them; Triton passes each request's requested output names, and a batch runs the second session
+only when one of its requests asked for the map. The cost is a second copy of the group's weights in
+memory.
+
 A malformed request gets its own error response and does not fail the others. Nothing about inputs or
 patients is logged: only shapes and dtypes ever appear in error messages.
 """
@@ -45,35 +52,67 @@ def _parameter(model_config: dict[str, Any], key: str, default: str) -> str:
     return default if value in (None, "") else str(value)
 
 
-def _group_outputs(model_config: dict[str, Any], output_names: list[str]) -> list[list[str]]:
-    """Output names per backbone group, from the model card; one group (all outputs) without a card."""
+GroupOutputs = tuple[list[str], list[str]]
+
+
+def _group_outputs(model_config: dict[str, Any], output_names: list[str]) -> list[GroupOutputs]:
+    """Per backbone group, from the model card: (outputs always computed, optional outputs computed only
+    when asked for: the attention maps); one group (all outputs, none optional) without a usable card."""
     try:
         card = json.loads(_parameter(model_config, CARD_PARAMETER, "{}"))
         groups = [
-            [name for name in (g.get("probabilities_output"), g["embedding_output"]) if name]
+            (
+                [name for name in (g.get("probabilities_output"), g["embedding_output"]) if name],
+                [name for name in (g.get("attention_output"),) if name],
+            )
             for g in card.get("groups", [])
         ]
     except (ValueError, KeyError, TypeError, AttributeError):
         groups = []
-    if sorted(name for group in groups for name in group) != sorted(output_names):
-        return [list(output_names)]
+    if sorted(name for base, extra in groups for name in base + extra) != sorted(output_names):
+        return [(list(output_names), [])]
     return groups
 
 
-def _sessions(model_path: Path, groups: list[list[str]], options: Any) -> list[tuple[list[str], Any]]:
-    """One ONNX Runtime session per group: the whole graph for one group, extracted subgraphs else."""
+class _Group:
+    """One backbone group's sessions: `base` computes `outputs`; `full` (if any) also `optional`."""
+
+    def __init__(self, outputs: list[str], optional: list[str], base: Any, full: Any | None) -> None:
+        self.outputs = outputs
+        self.optional = optional
+        self.base = base
+        self.full = full
+
+    def run(self, batch: np.ndarray, wanted: set[str]) -> dict[str, np.ndarray]:
+        """This group's outputs by name, computing the optional ones only when `wanted` names one."""
+        if not wanted.intersection(self.outputs + self.optional):
+            return {}
+        if self.full is not None and wanted.intersection(self.optional):
+            names = self.outputs + self.optional
+            return dict(zip(names, self.full.run(names, {INPUT_NAME: batch}), strict=True))
+        return dict(zip(self.outputs, self.base.run(self.outputs, {INPUT_NAME: batch}), strict=True))
+
+
+def _sessions(model_path: Path, groups: list[GroupOutputs], options: Any) -> list[_Group]:
+    """ONNX Runtime sessions per group: the whole graph for one group without optional outputs,
+    extracted subgraphs (image -> the group's outputs, with and without the optional ones) else."""
     providers = ["CPUExecutionProvider"]
-    if len(groups) == 1:
-        return [(groups[0], ort.InferenceSession(str(model_path), options, providers=providers))]
+    if len(groups) == 1 and not groups[0][1]:
+        whole = ort.InferenceSession(str(model_path), options, providers=providers)
+        return [_Group(groups[0][0], [], whole, None)]
     import onnx
     import onnx.utils
 
     extractor = onnx.utils.Extractor(onnx.load(str(model_path)))
-    sessions = []
-    for outputs in groups:
+
+    def session(outputs: list[str]) -> Any:
         subgraph = extractor.extract_model([INPUT_NAME], outputs).SerializeToString()
-        sessions.append((outputs, ort.InferenceSession(subgraph, options, providers=providers)))
-    return sessions
+        return ort.InferenceSession(subgraph, options, providers=providers)
+
+    return [
+        _Group(outputs, optional, session(outputs), session(outputs + optional) if optional else None)
+        for outputs, optional in groups
+    ]
 
 
 class TritonPythonModel:
@@ -99,7 +138,8 @@ class TritonPythonModel:
         self.sessions = _sessions(model_path, _group_outputs(model_config, self.output_names), options)
         self.logger = pb_utils.Logger
         self.logger.log_info(
-            f"loaded {model_path.name} as {len(self.sessions)} backbone group session(s) "
+            f"loaded {model_path.name} as {len(self.sessions)} backbone group(s) "
+            f"({sum(1 for g in self.sessions if g.full is not None)} with optional attention maps) "
             f"(onnxruntime {ort.__version__}, "
             f"intra-op threads {options.intra_op_num_threads or 'default'}, "
             f"instance {args.get('model_instance_name', '?')}, pid {os.getpid()})"
@@ -129,9 +169,8 @@ class TritonPythonModel:
     def _run(self, batch: np.ndarray, wanted: set[str]) -> dict[str, np.ndarray]:
         """Run the groups that produce any of `wanted`; their outputs by name."""
         results: dict[str, np.ndarray] = {}
-        for outputs, session in self.sessions:
-            if wanted.intersection(outputs):
-                results.update(zip(outputs, session.run(outputs, {INPUT_NAME: batch}), strict=True))
+        for group in self.sessions:
+            results.update(group.run(batch, wanted))
         return results
 
     def execute(self, requests: list[Any]) -> list[Any]:

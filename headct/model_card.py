@@ -39,6 +39,10 @@ class TaskCard(BaseModel):
     # ran with --allow-unpaired; `pairing_detail` says what could not be verified).
     pairing: Literal["verified", "shared-frozen", "override"]
     pairing_detail: str = ""
+    # How the task's explanation map (the group's attention output) is made: "head_query" (an attentive
+    # head's learned query over the patch tokens) or "cls_last_block" (the backbone's last-block CLS->patch
+    # attention, for a linear head). None: a model exported without attention maps.
+    attention_method: contract.AttentionMethod | None = None
 
 
 class BackboneGroup(BaseModel):
@@ -60,6 +64,9 @@ class BackboneGroup(BaseModel):
     tasks: list[str]
     probabilities_output: str | None  # None for an embedding-only (pretrained) group
     embedding_output: str
+    # FP32 [n_tasks, 8, 8, 8] per scan (headct.contract.ATTENTION_GRID), one map per task in `tasks` order;
+    # None for an embedding-only group or a model exported without attention maps.
+    attention_output: str | None = None
 
 
 class InputContract(BaseModel):

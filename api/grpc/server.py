@@ -51,6 +51,10 @@ def _to_proto(response: PredictResponse) -> headct_pb2.PredictResponse:
         ),
         notice=response.notice or "",
         priority=response.priority,
+        attention={
+            name: headct_pb2.AttentionMap(**attention.model_dump())
+            for name, attention in (response.attention or {}).items()
+        },
     )
 
 
@@ -84,7 +88,14 @@ class HeadCTServicer(headct_pb2_grpc.HeadCTServicer):
                     request_id=request_id,
                     started_at=started_at,
                     tasks=list(options.tasks),
-                    include=["embedding"] if options.include_embedding else [],
+                    include=[
+                        extra
+                        for extra, asked in (
+                            ("embedding", options.include_embedding),
+                            ("attention", options.include_attention),
+                        )
+                        if asked
+                    ],
                     series_uid=options.series_uid or None,
                     spool_prefix="headct-grpc-",
                     lane=lane,

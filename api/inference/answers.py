@@ -8,13 +8,15 @@ from typing import TYPE_CHECKING
 from api import metrics
 from api.inference.lanes import DEFAULT_LANE, Lane
 from api.problems import ProblemCode, ProblemError
-from api.schemas import Finding, InputSummary, ModelRef, PredictResponse, Timings, Warning
+from api.schemas import AttentionMap, Finding, InputSummary, ModelRef, PredictResponse, Timings, Warning
 from headct.model_card import ModelCard
 
 if TYPE_CHECKING:
     from api.inference.service import Prediction
 
-INCLUDABLE = frozenset({"embedding"})
+INCLUDABLE = frozenset({"embedding", "attention"})
+# Explanation maps live on the preprocessed model input's grid (RAS array order), not the file's.
+ATTENTION_SPACE = "model_input_ras"
 
 
 def check_includes(extras: list[str]) -> None:
@@ -51,6 +53,7 @@ def build_predict_response(
     request_id: str,
     started_at: float,
     lane: Lane = DEFAULT_LANE,
+    include_attention: bool = False,
 ) -> PredictResponse:
     card = prediction.card
     tasks = {task.name: task for task in card.tasks}
@@ -84,8 +87,34 @@ def build_predict_response(
             spacing_mm=[round(s, 4) for s in scan.file_spacing_mm],
             source_format=scan.source_format,
         ),
+        attention=_attention_maps(card, prediction, selected) if include_attention else None,
         warnings=[Warning(code=code, detail=detail) for code, detail in prediction.warnings],
         priority=lane.value,
         timings_ms=Timings.model_validate(timings),
         notice=card.notice if card.synthetic_demo else None,
     )
+
+
+def _attention_maps(card: ModelCard, prediction: Prediction, selected: list[str]) -> dict[str, AttentionMap]:
+    """The selected findings' maps ({task: [g, g, g] array}) as the response's `attention` object."""
+    methods = {task.name: task.attention_method for task in card.tasks}
+    maps = prediction.result.attention
+    missing = [name for name in selected if name not in maps or methods.get(name) is None]
+    if missing:
+        # A model exported without attention maps (or its card does not say how they are made).
+        raise ProblemError(
+            ProblemCode.INVALID_INCLUDE,
+            f"the served model has no attention maps for {', '.join(missing)}",
+            field="include",
+            observed=["attention"],
+            expected=sorted(INCLUDABLE - {"attention"}),
+        )
+    return {
+        name: AttentionMap(
+            grid=list(maps[name].shape),
+            method=str(methods[name]),
+            values=[round(float(v), 8) for v in maps[name].ravel(order="C")],
+            space=ATTENTION_SPACE,
+        )
+        for name in selected
+    }

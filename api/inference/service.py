@@ -57,14 +57,21 @@ if TYPE_CHECKING:
 class InferenceResult:
     probabilities: dict[str, float]  # task name -> probability, for the tasks that were run
     embedding: np.ndarray | None  # float32 [D] of the card's embedding group, when asked for
+    # task name -> float32 [8, 8, 8] explanation map, for the tasks run when attention was asked for
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def outputs_for(card: ModelCard, tasks: Sequence[str], include_embedding: bool) -> list[str]:
-    """Triton outputs that answer `tasks` (all when empty) and, if asked, the embedding."""
+def outputs_for(
+    card: ModelCard, tasks: Sequence[str], include_embedding: bool, include_attention: bool = False
+) -> list[str]:
+    """Triton outputs that answer `tasks` (all when empty) and, if asked, the embedding and the
+    attention maps of the groups that hold the tasks."""
     groups = card.groups_for(list(tasks) or card.task_names)
     names = [group.probabilities_output for group in groups if group.probabilities_output]
     if include_embedding:
         names.append(card.group(card.embedding_group).embedding_output)
+    if include_attention:
+        names.extend(group.attention_output for group in groups if group.attention_output)
     return list(dict.fromkeys(names))
 
 
@@ -77,7 +84,12 @@ def result_from(card: ModelCard, rows: Mapping[str, np.ndarray]) -> InferenceRes
             values = rows[output]
             probabilities.update((task, float(values[i])) for i, task in enumerate(group.tasks))
     embedding = rows.get(card.group(card.embedding_group).embedding_output)
-    return InferenceResult(probabilities=probabilities, embedding=embedding)
+    attention: dict[str, np.ndarray] = {}
+    for group in card.groups:
+        maps = rows.get(group.attention_output) if group.attention_output else None
+        if maps is not None:
+            attention.update((task, maps[i]) for i, task in enumerate(group.tasks))
+    return InferenceResult(probabilities=probabilities, embedding=embedding, attention=attention)
 
 
 @dataclass(frozen=True)
@@ -243,6 +255,7 @@ class PredictionService:
         card = await self.model.card()
         selected = select_tasks(card, request.tasks)
         include_embedding = "embedding" in request.include
+        include_attention = "attention" in request.include
         # Admission first (429 gateway_busy / 503 shutting_down): an overloaded gateway refuses before
         # reading the body.
         with self.admission.enter(lane):
@@ -261,6 +274,7 @@ class PredictionService:
                     series_uid=request.series_uid,
                     tasks=selected,
                     include_embedding=include_embedding,
+                    include_attention=include_attention,
                     lane=lane,
                     evidence=request.evidence,
                 )
@@ -270,6 +284,7 @@ class PredictionService:
             prediction,
             selected=selected,
             include_embedding=include_embedding,
+            include_attention=include_attention,
             request_id=request.request_id,
             started_at=request.started_at,
             lane=lane,
@@ -305,6 +320,7 @@ class PredictionService:
         series_uid: str | None = None,
         tasks: Sequence[str] = (),
         include_embedding: bool = False,
+        include_attention: bool = False,
         lane: Lane = DEFAULT_LANE,
         evidence: bool = False,
     ) -> Prediction:
@@ -317,7 +333,7 @@ class PredictionService:
         if missing := [task for task in tasks if task not in card.task_names]:
             # Only when the model was replaced between reading the request and now.
             raise self.model.unavailable(f"the model changed; it no longer has {missing}: retry")
-        outputs = outputs_for(card, tasks, include_embedding)
+        outputs = outputs_for(card, tasks, include_embedding, include_attention)
         self._limit_batch_size(card)
         timings_ms: dict[str, float] = {}
 

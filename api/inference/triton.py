@@ -263,7 +263,8 @@ class TritonModel:
         *,
         lane: Lane = DEFAULT_LANE,
     ) -> BatchAnswer:
-        """Preprocessed scans ([N, 3, 96, 96, 96] float16) → the named outputs, each [N, width], and the
+        """Preprocessed scans ([N, 3, 96, 96, 96] float16) → the named outputs, each [N, width, ...] (an
+        attention output is [N, n_tasks, 8, 8, 8]), and the
         model version Triton computed them with.
 
         `outputs` are Triton output names (a card group's ``probabilities_output``/``embedding_output``);
@@ -315,7 +316,7 @@ class TritonModel:
         answer: dict[str, np.ndarray] = {}
         for name in names:
             array = result.as_numpy(name)
-            if array is None or array.ndim != 2 or len(array) != len(batch):
+            if array is None or array.ndim < 2 or len(array) != len(batch):
                 # e.g. the model was replaced by one without this output between card read and call
                 raise ProblemError(
                     ProblemCode.INFERENCE_FAILED, f"the inference server did not return {name!r}"

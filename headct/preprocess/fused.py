@@ -239,6 +239,12 @@ class PreprocessInfo:
     crop_end: tuple[int, ...]
     timings_s: dict[str, float] = field(default_factory=dict)
     computed_shape: tuple[int, ...] = ()
+    #: The source volume's affine (voxel index -> RAS mm), row by row; None when not recorded.
+    input_affine: tuple[tuple[float, ...], ...] | None = None
+    #: The affine of the grid that was cropped (index -> RAS mm): the 1 mm grid of shape
+    #: `resampled_shape`, or the RAS-reoriented source grid when nothing was resampled. With
+    #: `input_affine` it maps model-input positions back to source voxels (`headct.explain`).
+    grid_affine: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def cropped_shape(self) -> tuple[int, ...]:
@@ -283,6 +289,7 @@ def preprocess_with_info(volume: Volume) -> tuple[np.ndarray, PreprocessInfo]:
 
     if _is_unchanged_grid(shape_ras, affine_ras, out_shape, out_affine):
         # No resample (MONAI skips it): the RAS voxels are the source voxels, flipped/permuted.
+        grid_affine = affine_ras
         iso = reorient_to_ras(volume).hu
         start, end = foreground_bbox(iso, FOREGROUND_THRESHOLD_HU)
         cropped = iso[tuple(slice(s, e) for s, e in zip(start, end, strict=True))]
@@ -291,6 +298,7 @@ def preprocess_with_info(volume: Volume) -> tuple[np.ndarray, PreprocessInfo]:
         t2 = time.perf_counter()
     else:
         _check_size(volume, out_shape, TARGET_SPACING_MM)
+        grid_affine = out_affine
         source_box = source_foreground_box(stats, CROP_SEARCH_THRESHOLD_HU)
         full = tuple((0, n) for n in out_shape)
         region = (
@@ -325,8 +333,15 @@ def preprocess_with_info(volume: Volume) -> tuple[np.ndarray, PreprocessInfo]:
         crop_end=end,
         timings_s=timings,
         computed_shape=computed,
+        input_affine=_affine_tuple(volume.affine),
+        grid_affine=_affine_tuple(grid_affine),
     )
     return out, info
+
+
+def _affine_tuple(affine: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    """A 4x4 affine as nested tuples of floats (hashable, comparable: `PreprocessInfo` is frozen)."""
+    return tuple(tuple(float(v) for v in row) for row in np.asarray(affine, dtype=np.float64))
 
 
 def preprocess(volume: Volume) -> np.ndarray:

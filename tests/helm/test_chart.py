@@ -216,6 +216,27 @@ def test_gateway_existing_key_secret_and_multiprocess_metrics(rendered: dict[str
     assert "PROMETHEUS_MULTIPROC_DIR" not in env(gateway)
 
 
+def test_pacs_url_and_credentials_from_an_existing_secret(rendered: dict[str, Docs]) -> None:
+    """The PACS round trip: URL and deadline as values, the credentials as files of the user's Secret."""
+    deployment = one(rendered["ingress-auth"], "Deployment", GATEWAY)
+    gateway = container(deployment, "gateway")
+    settings = env(gateway)
+    assert settings["HEADCT_DICOMWEB_URL"] == "http://orthanc.pacs.svc:8042/dicom-web"
+    assert settings["HEADCT_DICOMWEB_TIMEOUT_S"] == "30"
+    directory = settings["HEADCT_DICOMWEB_CREDENTIALS_DIR"]
+    (mount,) = (m for m in gateway["volumeMounts"] if m["mountPath"] == directory)
+    assert mount["readOnly"] is True
+    (volume,) = (v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "headct-pacs-credentials"
+    assert {item["path"]: item["key"] for item in volume["secret"]["items"]} == {
+        "username": "username",
+        "password": "password",
+    }  # no tokenKey: no token file
+    defaults = one(rendered["defaults"], "Deployment", GATEWAY)
+    assert not {name for name in env(container(defaults, "gateway")) if name.startswith("HEADCT_DICOMWEB_")}
+    assert "pacs-credentials" not in {v["name"] for v in pod_spec(defaults)["volumes"]}
+
+
 def test_auth_can_be_switched_off(template: Any) -> None:
     docs = template("--set", "gateway.auth.enabled=false")
     gateway = container(one(docs, "Deployment", GATEWAY), "gateway")

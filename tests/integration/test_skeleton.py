@@ -62,7 +62,7 @@ def reference_outputs(graph: ServingGraph, nifti: bytes, tmp_path: Path) -> tupl
     volume = Volume(hu=np.asarray(image.dataobj, dtype=np.float32), affine=np.asarray(image.affine))
     tensor = torch.from_numpy(preprocess(volume)[np.newaxis])
     with torch.no_grad():
-        probabilities, embedding = graph(tensor)
+        probabilities, embedding, *_ = graph(tensor)  # (+ the attention maps)
     return probabilities[0].numpy(), embedding[0].numpy()
 
 
@@ -195,9 +195,7 @@ def test_bad_inputs_get_specific_problems(client: httpx.Client) -> None:
     four_d = np.zeros((32, 32, 16, 3), np.int16)
     problem = _problem(client.post("/v1/predict", content=_nifti(four_d), headers=octet), 422, "not_3d")
     assert problem["observed"] == [32, 32, 16, 3]
-    _problem(
-        client.post("/v1/predict", params={"include": "attention"}, content=b"x"), 400, "invalid_include"
-    )
+    _problem(client.post("/v1/predict", params={"include": "heatmap"}, content=b"x"), 400, "invalid_include")
     # The limit is 64 MiB in these tests (HEADCT_MAX_UPLOAD_BYTES); Content-Length alone triggers it.
     _problem(
         client.post("/v1/predict", content=b"\0" * ((64 << 20) + 1), headers=octet), 413, "payload_too_large"

@@ -156,14 +156,25 @@ def test_tasks_are_grouped_by_backbone_weights(grouped: Path, runs: Path) -> Non
         ("edema", "pretrained", "verified", 0.5),
     ]
     config = repository.read_config(grouped / "fmhct" / "config.pbtxt")
+    grid = [TINY.grid_size] * 3
     assert [(o.name, list(o.dims)) for o in config.output] == [
         ("probabilities__pretrained", [1]),
         ("embedding__pretrained", [TINY.embed_dim]),
+        ("attention__pretrained", [1, *grid]),
         ("probabilities__vit_ich", [1]),
         ("embedding__vit_ich", [TINY.embed_dim]),
+        ("attention__vit_ich", [1, *grid]),
         ("probabilities__vit_sdh", [1]),
         ("embedding__vit_sdh", [TINY.embed_dim]),
+        ("attention__vit_sdh", [1, *grid]),
     ]
+    assert [g.attention_output for g in card.groups] == [
+        "attention__pretrained",
+        "attention__vit_ich",
+        "attention__vit_sdh",
+    ]
+    methods = {"linear": contract.ATTENTION_CLS_LAST_BLOCK, "attentive": contract.ATTENTION_HEAD_QUERY}
+    assert all(t.attention_method == methods[t.head_type] for t in card.tasks)
     assert (grouped / "fmhct" / "labels__vit_sdh.txt").read_text() == "sdh\n"
 
 
@@ -198,23 +209,32 @@ class _AskingRequest(_Request):
 def test_served_probabilities_equal_each_runs_own_model_and_only_needed_groups_run(
     python_model: Any, runs: Path
 ) -> None:
-    assert len(python_model.sessions) == 3  # one ONNX Runtime session per backbone group
+    # one backbone group each, with a session without and one with the optional attention map
+    assert len(python_model.sessions) == 3
     calls: list[list[str]] = []
-    for outputs, session in python_model.sessions:
-        original = session.run
+    for group in python_model.sessions:
+        for attribute in ("base", "full"):
+            original = getattr(group, attribute).run
 
-        def counting(names: Any, feeds: Any, _original: Any = original, _outputs: Any = outputs) -> Any:
-            calls.append(list(_outputs))
-            return _original(names, feeds)
+            def counting(names: Any, feeds: Any, _original: Any = original) -> Any:
+                calls.append(list(names))
+                return _original(names, feeds)
 
-        python_model.sessions[python_model.sessions.index((outputs, session))] = (
-            outputs,
-            type("S", (), {"run": staticmethod(counting)})(),
-        )
+            setattr(group, attribute, type("S", (), {"run": staticmethod(counting)})())
     image = torch.rand((1, *contract.INPUT_SHAPE), generator=torch.Generator().manual_seed(3)).half()
     (response,) = python_model.execute([_AskingRequest(["probabilities__vit_ich"], image=image.numpy())])
     assert response.error is None and list(response.outputs) == ["probabilities__vit_ich"]
     assert calls == [["probabilities__vit_ich", "embedding__vit_ich"]]  # the other backbones never ran
+    calls.clear()
+    asked = ["probabilities__vit_ich", "attention__vit_ich"]
+    (explained,) = python_model.execute([_AskingRequest(asked, image=image.numpy())])
+    assert calls == [["probabilities__vit_ich", "embedding__vit_ich", "attention__vit_ich"]]
+    assert explained.error is None and list(explained.outputs) == asked
+    assert (
+        explained.outputs["probabilities__vit_ich"][0, 0] == response.outputs["probabilities__vit_ich"][0, 0]
+    )
+    maps = explained.outputs["attention__vit_ich"]
+    assert maps.shape == (1, 1, *[TINY.grid_size] * 3) and maps.sum() == pytest.approx(1.0, abs=1e-5)
     assert float(response.outputs["probabilities__vit_ich"][0, 0]) == pytest.approx(
         _official(runs, "ich", image), abs=1e-4
     )
@@ -298,7 +318,11 @@ def test_the_batcher_asks_for_the_union_and_answers_each_scan_its_own_outputs() 
 
 def test_a_one_group_graph_keeps_the_plain_contract_names() -> None:
     graph = ServingGraph(FMHCTViT(TINY), {"a": LinearHead(TINY.embed_dim)})
-    assert graph.output_names == (contract.PROBABILITIES_NAME, contract.EMBEDDING_NAME)
+    assert graph.output_names == (
+        contract.PROBABILITIES_NAME,
+        contract.EMBEDDING_NAME,
+        contract.ATTENTION_NAME,
+    )
 
 
 def test_an_answer_from_another_model_version_is_refused_not_mislabelled(
@@ -406,6 +430,7 @@ def test_a_pretrained_backbone_without_tasks_serves_the_embedding(runs: Path, tm
         "embedding__pretrained",
         "probabilities__vit_ich",
         "embedding__vit_ich",
+        "attention__vit_ich",
     ]
     assert outputs_for(card, [], True) == ["probabilities__vit_ich", "embedding__pretrained"]
     assert (tmp_path / "fmhct" / "1" / "model.reference.npz").is_file()  # the TensorRT gate's reference

@@ -103,8 +103,8 @@ def test_smoke_training_writes_official_layout(smoke_run: tuple[Path, dict]) -> 
     heads = {t: load_head(T.head_path(out, t), config.embed_dim) for t in T.TASKS}
     assert all(isinstance(h, LinearHead) for h in heads.values())
     graph = ServingGraph(backbone, heads)
-    probs, emb = graph(graph.example_input(2))
-    assert probs.shape == (2, 2) and emb.shape == (2, 192)
+    probs, emb, attention = graph(graph.example_input(2))
+    assert probs.shape == (2, 2) and emb.shape == (2, 192) and attention.shape == (2, 2, 8, 8, 8)
     assert torch.isfinite(probs).all()
 
     saved = json.loads((out / T.METRICS_FILENAME).read_text())

@@ -303,13 +303,16 @@ def test_serving_graph_probabilities_embedding_and_fp16() -> None:
     assert not graph.training and not any(m.training for m in graph.modules())
     x = _volume(2).half()
     with torch.no_grad():
-        probabilities, embedding = graph(x)
+        probabilities, embedding, attention = graph(x)
         tokens, _ = graph.backbone(x.float())
         expected = [torch.softmax(head(tokens), dim=-1)[:, 1] for head in graph.heads]
     assert probabilities.dtype == embedding.dtype == torch.float32
     assert probabilities.shape == (2, 3) and embedding.shape == (2, 24)
     torch.testing.assert_close(probabilities, torch.stack(expected, dim=1))
     torch.testing.assert_close(embedding, tokens[:, 0])
+    grid = graph.backbone.config.grid_size
+    assert attention.dtype == torch.float32 and attention.shape == (2, 3, grid, grid, grid)
+    torch.testing.assert_close(attention.sum(dim=(2, 3, 4)), torch.ones(2, 3))
 
 
 def test_serving_graph_rejects_a_backbone_off_the_contract() -> None:
@@ -342,8 +345,9 @@ def test_serving_graph_exports_to_onnx_with_dynamic_batch(tmp_path: Path) -> Non
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):  # sizes the trace never saw
         x = _volume(batch, seed=batch).half()
-        probabilities, embedding = session.run(None, {graph.input_names[0]: x.numpy()})
+        probabilities, embedding, attention = session.run(None, {graph.input_names[0]: x.numpy()})
         with torch.no_grad():
-            want_p, want_e = graph(x)
+            want_p, want_e, want_a = graph(x)
+        np.testing.assert_allclose(attention, want_a.numpy(), atol=1e-5)
         np.testing.assert_allclose(probabilities, want_p.numpy(), atol=1e-5)
         np.testing.assert_allclose(embedding, want_e.numpy(), atol=1e-4)

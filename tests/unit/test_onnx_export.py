@@ -22,7 +22,7 @@ from export.onnx_export import (
     export_onnx,
     verify_onnx_graph,
 )
-from export.serving_graph import ServingGraph
+from export.serving_graph import GraphGroup, ServingGraph
 from headct import contract
 
 # 96^3 input in 32^3 patches -> 27 tokens + CLS; embed 24 = 6 x 4 (sin-cos table), 2 heads.
@@ -72,11 +72,17 @@ def test_graph_has_the_serving_contract(exported: OnnxExportInfo) -> None:
     assert tuple(rest) == contract.INPUT_SHAPE
 
     outputs = {o.name: o for o in model.graph.output}
-    assert list(outputs) == [contract.PROBABILITIES_NAME, contract.EMBEDDING_NAME]
-    for name, width in ((contract.PROBABILITIES_NAME, len(TASKS)), (contract.EMBEDDING_NAME, TINY.embed_dim)):
+    assert list(outputs) == [contract.PROBABILITIES_NAME, contract.EMBEDDING_NAME, contract.ATTENTION_NAME]
+    grid = TINY.grid_size
+    for name, shape in (
+        (contract.PROBABILITIES_NAME, [len(TASKS)]),
+        (contract.EMBEDDING_NAME, [TINY.embed_dim]),
+        (contract.ATTENTION_NAME, [len(TASKS), grid, grid, grid]),
+    ):
         assert outputs[name].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         dims = _dims(outputs[name])
-        assert isinstance(dims[0], str) and dims[1] == width
+        assert isinstance(dims[0], str) and dims[1:] == shape
+    assert exported.output_shapes[contract.ATTENTION_NAME] == (len(TASKS), grid, grid, grid)
     assert (exported.num_tasks, exported.embedding_dim) == (len(TASKS), TINY.embed_dim)
     onnx.checker.check_model(str(exported.path), full_check=True)
 
@@ -94,7 +100,67 @@ def test_parity_at_batch_sizes_the_trace_never_saw(graph: ServingGraph, exported
     assert report.passed, report.summary()
     assert report.max_abs_probability_diff <= 1e-4
     assert report.max_abs_embedding_diff <= 1e-3
+    assert report.max_abs_attention_diff <= 1e-4
     report.raise_if_failed()
+
+
+def test_attention_output_leaves_probabilities_and_embedding_bit_identical(graph: ServingGraph) -> None:
+    image = torch.rand(2, *contract.INPUT_SHAPE, generator=torch.Generator().manual_seed(3)).half()
+    plain = ServingGraph(
+        groups=[GraphGroup(graph.backbone, dict(zip(TASKS, graph.heads, strict=True)), attention_output=None)]
+    )
+    assert plain.output_names == (contract.PROBABILITIES_NAME, contract.EMBEDDING_NAME)
+    with torch.inference_mode():
+        probabilities, embedding, attention = graph(image)
+        want_probabilities, want_embedding = plain(image)
+    assert torch.equal(probabilities, want_probabilities) and torch.equal(embedding, want_embedding)
+    grid = TINY.grid_size
+    assert attention.shape == (2, len(TASKS), grid, grid, grid) and attention.dtype == torch.float32
+    assert torch.all(attention >= 0)
+    torch.testing.assert_close(attention.sum(dim=(2, 3, 4)), torch.ones(2, len(TASKS)))
+    assert graph.attention_methods == {
+        "hemorrhage": contract.ATTENTION_CLS_LAST_BLOCK,
+        "edema": contract.ATTENTION_HEAD_QUERY,
+    }
+
+
+def test_attention_maps_are_the_attention_the_model_computes(graph: ServingGraph) -> None:
+    """cls_last_block = SDPA's own CLS row in the last block; head_query = the head's own SDPA weights."""
+    image = torch.rand(1, *contract.INPUT_SHAPE, generator=torch.Generator().manual_seed(4)).half().float()
+    backbone = graph.backbone
+    cfg = backbone.config
+    with torch.inference_mode():
+        _, _, attention = graph(image)
+        h = backbone.prepare_tokens(image)
+        for block in backbone.blocks[:-1]:
+            h = block(h)
+        last = backbone.blocks[-1]
+        qkv = last.attn.qkv(last.att_norm(h)).reshape(1, cfg.num_tokens, 3, cfg.num_heads, cfg.head_dim)
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+        full = torch.softmax(q @ k.transpose(-1, -2) / cfg.head_dim**0.5, dim=-1)  # (1, H, N, N)
+        cls_row = full[0, :, 0, 1:].mean(dim=0)
+        tokens = backbone.forward_features(image)
+        head = graph.heads[1]
+        x = (tokens - head.bn1.running_mean) * torch.rsqrt(head.bn1.running_var + head.bn1.eps)
+        keys = head.wkv(x)[..., : cfg.embed_dim].reshape(1, -1, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        query = head.cls_token.reshape(1, cfg.num_heads, 1, cfg.head_dim)
+        head_row = torch.softmax(query @ keys.transpose(-1, -2) / cfg.head_dim, dim=-1)[0, :, 0, 1:].mean(0)
+    grid = cfg.grid_size
+    torch.testing.assert_close(attention[0, 0], (cls_row / cls_row.sum()).reshape(grid, grid, grid))
+    torch.testing.assert_close(attention[0, 1], (head_row / head_row.sum()).reshape(grid, grid, grid))
+
+
+def test_patch_tokens_follow_the_input_axis_order() -> None:
+    """Patch token p = i*g*g + j*g + k covers input block (i, j, k): maps use the input's axis order."""
+    torch.manual_seed(0)
+    embedding = FMHCTViT(TINY).patch_embedding
+    image = torch.zeros(1, *contract.INPUT_SHAPE)
+    size, grid = TINY.patch_size, TINY.grid_size
+    image[:, :, size * 2 : size * 3, 0:size, size * 1 : size * 2] = 1.0  # block (2, 0, 1)
+    with torch.inference_mode():
+        delta = (embedding(image) - embedding(torch.zeros_like(image))).abs().sum(dim=-1)[0]
+    (changed,) = torch.nonzero(delta > 1e-6).flatten().tolist()
+    assert changed == 2 * grid * grid + 0 * grid + 1
 
 
 def test_export_leaves_affine_free_batchnorms_untouched(

@@ -64,11 +64,12 @@ def test_every_code_is_unique_snake_case_and_complete() -> None:
 
 
 #: The gRPC statuses problems had before the catalogue (mapped from the HTTP status): unchanged on the
-#: wire. 404 / 405 never reach gRPC (REST routing only).
+#: wire. 404 / 405 never reach gRPC (REST routing and the REST-only studies route).
 _LEGACY_GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,  # study_not_found: REST only (the studies route); never sent over gRPC
     406: grpc.StatusCode.INVALID_ARGUMENT,  # REST only (content negotiation); never sent over gRPC
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,

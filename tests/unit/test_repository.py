@@ -322,7 +322,7 @@ def test_python_model_runtime_failure_fails_only_that_batch(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("ORT kernel failure")
 
-    monkeypatch.setattr(python_model.sessions[0][1], "run", broken, raising=False)
+    monkeypatch.setattr(python_model.sessions[0].base, "run", broken, raising=False)
     image = np.zeros((1, *contract.INPUT_SHAPE), np.float16)
     responses = python_model.execute([_Request(image=image), _Request(image=image)])
     assert all("inference failed for a batch of 2" in r.error.message for r in responses)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -14,11 +13,11 @@ from api.auth import ANONYMOUS, keyring
 from api.http.dependencies import PredictionServiceDep, SettingsDep
 from api.http.negotiation import negotiate
 from api.inference.lanes import PRIORITY_HEADER, resolve_lane
-from api.inference.service import HandledRequest, ScanRequest
+from api.inference.service import ScanRequest
 from api.inference.uploads import declared_length
-from api.problem_codes import ProblemCode
-from api.problems import ProblemError, problem_responses
-from api.results.dicom_sr import DICOM_MEDIA_TYPE, Algorithm, FindingResult, structured_report
+from api.problems import problem_responses
+from api.results.dicom_sr import DICOM_MEDIA_TYPE
+from api.results.dicom_sr_answer import answer_sr
 from api.results.fhir import FHIR_MEDIA_TYPE, diagnostic_report
 from api.schemas import PredictResponse
 
@@ -95,7 +94,13 @@ async def predict(
     service: PredictionServiceDep,
     settings: SettingsDep,
     tasks: Annotated[str | None, Query(description="comma-separated subset of findings")] = None,
-    include: Annotated[str | None, Query(description="comma-separated extras: `embedding`")] = None,
+    include: Annotated[
+        str | None,
+        Query(
+            description="comma-separated extras: `embedding`, `attention` (per finding, its 8x8x8 "
+            "explanation map on the model-input grid)"
+        ),
+    ] = None,
     series_uid: Annotated[
         str | None,
         Query(max_length=64, description="SeriesInstanceUID to read when the upload holds several series"),
@@ -136,34 +141,5 @@ async def predict(
         report = diagnostic_report(handled.response, study_uid=handled.study_uid, issued=datetime.now(UTC))
         return JSONResponse(report, media_type=FHIR_MEDIA_TYPE)
     if media_type == DICOM_MEDIA_TYPE:
-        return Response(await asyncio.to_thread(_dicom_sr, handled), media_type=DICOM_MEDIA_TYPE)
+        return Response(await asyncio.to_thread(answer_sr, handled), media_type=DICOM_MEDIA_TYPE)
     return handled.response
-
-
-def _dicom_sr(handled: HandledRequest) -> bytes:
-    """The answer as a DICOM Comprehensive 3D SR (TID 1500) in the source study, as Part 10 bytes. Only
-    a DICOM upload has the patient and study to file it under: any other is 406 ``not_acceptable``.
-    (~0.4 s of CPU for 300 slices: called in a thread.)"""
-    if not handled.evidence:
-        raise ProblemError(
-            ProblemCode.NOT_ACCEPTABLE,
-            "a DICOM SR answer needs a DICOM upload (its patient and study); ask for JSON or FHIR",
-            field="Accept",
-            observed=DICOM_MEDIA_TYPE,
-            expected=["application/json", FHIR_MEDIA_TYPE],
-        )
-    answer = handled.response
-    findings = [
-        FindingResult(name=f.name, probability=f.probability, threshold=f.threshold, positive=f.positive)
-        for f in answer.findings
-    ]
-    algorithm = Algorithm(
-        name=answer.model.name,
-        version=answer.model.version,
-        model_sha256=answer.model.sha256,
-        synthetic_demo=answer.notice is not None,
-    )
-    report = structured_report(handled.evidence, findings, algorithm, now=datetime.now(UTC))
-    buffer = io.BytesIO()
-    report.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()

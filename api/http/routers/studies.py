@@ -1,0 +1,169 @@
+"""`POST /v1/studies/{study_uid}/predict`: the PACS round trip. The gateway reads the study from the
+configured DICOMweb server (QIDO-RS + WADO-RS, api/dicomweb/), predicts exactly as `POST /v1/predict`
+does for a zip of the same instances, and with `store=true` stores the DICOM SR answer back into the
+study (STOW-RS)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path as FilePath
+from typing import Annotated, Any
+
+import pydicom
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from api.auth import ANONYMOUS, keyring
+from api.dicomweb import DicomwebConfig, PacsClient
+from api.http.dependencies import PredictionServiceDep, SettingsDep
+from api.http.negotiation import negotiate
+from api.inference.lanes import PRIORITY_HEADER, resolve_lane
+from api.inference.service import ScanRequest
+from api.problem_codes import ProblemCode
+from api.problems import problem_responses
+from api.results.dicom_sr import DICOM_MEDIA_TYPE
+from api.results.dicom_sr_answer import answer_report, part10_bytes
+from api.results.fhir import FHIR_MEDIA_TYPE, diagnostic_report
+from api.schemas import StoredInstance, StudyPredictResponse
+
+router = APIRouter(prefix="/v1", tags=["studies"])
+
+#: A DICOM UID (PS3.5 9.1): dot-separated numbers, at most 64 characters.
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+ZIP_MEDIA_TYPE = "application/zip"
+_CHUNK = 4 << 20
+
+_OPENAPI_OK: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "The findings for the study's CT series: JSON (`StudyPredictResponse`, with `stored` listing "
+            "what `store=true` stored), or with `Accept: application/fhir+json` a FHIR R4 "
+            "DiagnosticReport, or with `Accept: application/dicom` the DICOM Comprehensive 3D SR "
+            "(TID 1500) in the study."
+        ),
+        "content": {
+            FHIR_MEDIA_TYPE: {
+                "schema": {
+                    "type": "object",
+                    "description": "FHIR R4 DiagnosticReport",
+                    "required": ["resourceType", "status", "code"],
+                    "properties": {"resourceType": {"type": "string", "enum": ["DiagnosticReport"]}},
+                }
+            },
+            DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+async def _file_chunks(path: FilePath) -> AsyncIterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, _CHUNK):
+            yield chunk
+
+
+@router.post(
+    "/studies/{study_uid}/predict",
+    summary="Findings for a study in the PACS, optionally stored back as a DICOM SR",
+    response_model=StudyPredictResponse,
+    responses=_OPENAPI_OK
+    | problem_responses(400, 403, ProblemCode.STUDY_NOT_FOUND, 406, 413, 415, 422, 429, 500, 502, 503, 504),
+)
+async def predict_study(
+    request: Request,
+    service: PredictionServiceDep,
+    settings: SettingsDep,
+    study_uid: Annotated[
+        str, Path(max_length=64, pattern=UID_PATTERN, description="StudyInstanceUID of the study in the PACS")
+    ],
+    store: Annotated[
+        bool, Query(description="store the answer as a DICOM SR into the study (STOW-RS)")
+    ] = False,
+    tasks: Annotated[str | None, Query(description="comma-separated subset of findings")] = None,
+    include: Annotated[
+        str | None, Query(description="comma-separated extras, as for `POST /v1/predict`")
+    ] = None,
+    series_uid: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            pattern=UID_PATTERN,
+            description="SeriesInstanceUID to read; default: the study's CT series (the usual selection)",
+        ),
+    ] = None,
+    priority: Annotated[
+        str | None,
+        Query(
+            max_length=16,
+            description="priority lane: `stat`, `routine` (default) or `bulk`. Also the "
+            "`X-HeadCT-Priority` header.",
+        ),
+    ] = None,
+    priority_header: Annotated[
+        str | None, Header(alias=PRIORITY_HEADER, max_length=16, include_in_schema=False)
+    ] = None,
+) -> StudyPredictResponse | Response:
+    media_type = negotiate(", ".join(request.headers.getlist("accept")))
+    identity = getattr(request.state, "api_key_id", ANONYMOUS)
+    lane = resolve_lane(priority or priority_header, keyring(settings).lanes(identity))
+    request.state.lane = lane.value  # for the access log line
+    pacs = PacsClient(DicomwebConfig.from_settings(settings))  # 503 pacs_not_configured
+
+    started = time.perf_counter()
+    retrieved = await pacs.fetch_study(
+        study_uid,
+        series_uid=series_uid,
+        directory=settings.spool_dir,
+        max_bytes=settings.max_upload_bytes,
+        max_instances=settings.max_archive_members,
+    )
+    pacs_ms = {"pacs_retrieve": round((time.perf_counter() - started) * 1000.0, 3)}
+    try:
+        handled = await service.handle(
+            ScanRequest(
+                chunks=_file_chunks(retrieved.path),
+                content_type=ZIP_MEDIA_TYPE,
+                request_id=request.state.request_id,
+                started_at=request.state.started_at,
+                tasks=_split(tasks),
+                include=_split(include),
+                series_uid=series_uid,
+                declared_length=retrieved.size_bytes,
+                spool_prefix="headct-pacs-upload-",
+                lane=lane,
+                evidence=store or media_type == DICOM_MEDIA_TYPE,
+            )
+        )
+    finally:
+        retrieved.path.unlink(missing_ok=True)
+
+    report: pydicom.Dataset | None = None
+    stored: list[StoredInstance] = []
+    if store or media_type == DICOM_MEDIA_TYPE:
+        report = await asyncio.to_thread(answer_report, handled)
+    if store and report is not None:
+        started = time.perf_counter()
+        result = await pacs.store(study_uid, report)
+        pacs_ms["pacs_store"] = round((time.perf_counter() - started) * 1000.0, 3)
+        stored.append(
+            StoredInstance(
+                sop_class_uid=result.sop_class_uid,
+                sop_instance_uid=result.sop_instance_uid,
+                series_instance_uid=result.series_instance_uid,
+            )
+        )
+    request.state.timings_ms = {**handled.timings_ms, **pacs_ms}  # for the access log line
+
+    if media_type == FHIR_MEDIA_TYPE:
+        fhir = diagnostic_report(handled.response, study_uid=handled.study_uid, issued=datetime.now(UTC))
+        return JSONResponse(fhir, media_type=FHIR_MEDIA_TYPE)
+    if media_type == DICOM_MEDIA_TYPE and report is not None:
+        return Response(await asyncio.to_thread(part10_bytes, report), media_type=DICOM_MEDIA_TYPE)
+    return StudyPredictResponse(**dict(handled.response), stored=stored)
