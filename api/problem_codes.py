@@ -85,8 +85,8 @@ class ProblemCode(enum.Enum):
         400,
         _S.INVALID_ARGUMENT,
         "Invalid include",
-        "`include` asks for an extra that does not exist (only `embedding` and `attention` do), or "
-        "`attention` from a model exported without maps",
+        "`include` asks for an extra that does not exist (only `embedding`, `attention` and `preview` "
+        "do), or maps (`attention`, `preview`, `format`) from a model exported without them",
     )
     INVALID_REQUEST = (
         "invalid_request",
@@ -150,7 +150,8 @@ class ProblemCode(enum.Enum):
         406,
         _S.INVALID_ARGUMENT,
         "Not acceptable",
-        "the `Accept` header allows neither `application/json` nor `application/fhir+json` (REST only)",
+        "the `Accept` header allows no answer this request can have (JSON, FHIR, or DICOM for a DICOM "
+        "upload; its Parametric Map with `include=attention` too) (REST only)",
     )
     # --- 413: too large -------------------------------------------------------------------------------
     PAYLOAD_TOO_LARGE = (

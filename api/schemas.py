@@ -62,6 +62,14 @@ class Timings(BaseModel):
     model_config = {"populate_by_name": True}
 
 
+class Preview(BaseModel):
+    """The maps for a human eye (`include=preview`): per finding, three orthogonal slices through the
+    map's hottest point, CT brain window with the map as a colour overlay."""
+
+    media_type: str = Field(description="`image/png`")
+    data_base64: str = Field(description="the PNG, base64-encoded")
+
+
 class PredictResponse(BaseModel):
     request_id: str
     model: ModelRef
@@ -72,6 +80,11 @@ class PredictResponse(BaseModel):
         default=None,
         exclude_if=lambda value: value is None,
         description="per requested finding, its explanation map (`include=attention`)",
+    )
+    preview: Preview | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="the maps as a PNG montage (`include=preview`)",
     )
     input: InputSummary
     warnings: list[Warning] = Field(default_factory=list)

@@ -14,7 +14,9 @@ from headct.model_card import ModelCard
 if TYPE_CHECKING:
     from api.inference.service import Prediction
 
-INCLUDABLE = frozenset({"embedding", "attention"})
+INCLUDABLE = frozenset({"embedding", "attention", "preview"})
+#: The extras made from the attention maps.
+MAP_INCLUDES = frozenset({"attention", "preview"})
 # Explanation maps live on the preprocessed model input's grid (RAS array order), not the file's.
 ATTENTION_SPACE = "model_input_ras"
 
@@ -107,7 +109,7 @@ def _attention_maps(card: ModelCard, prediction: Prediction, selected: list[str]
             f"the served model has no attention maps for {', '.join(missing)}",
             field="include",
             observed=["attention"],
-            expected=sorted(INCLUDABLE - {"attention"}),
+            expected=sorted(INCLUDABLE - MAP_INCLUDES),
         )
     return {
         name: AttentionMap(

@@ -32,8 +32,15 @@ import numpy as np
 
 from api import metrics
 from api.inference.admission import Admission
-from api.inference.answers import build_predict_response, check_includes, select_tasks
+from api.inference.answers import (
+    INCLUDABLE,
+    MAP_INCLUDES,
+    build_predict_response,
+    check_includes,
+    select_tasks,
+)
 from api.inference.batching import BatchAnswer, MicroBatcher, deadline_exceeded
+from api.inference.explanations import ExplanationFormat, render_explanations
 from api.inference.lanes import DEFAULT_LANE, Lane
 from api.inference.uploads import check_declared_length, spool_chunks
 from api.inference.workers import PreprocessPool
@@ -41,6 +48,7 @@ from api.ingest import DecodedScan, decode_upload
 from api.ingest.scan import DEFAULT_LIMITS, IngestLimits
 from api.ingest.validation import validate
 from api.problems import ProblemCode, ProblemError
+from api.results.dicom_sr import Algorithm
 from api.schemas import PredictResponse
 from api.settings import Settings, ingest_limits
 from headct.preprocess import PreprocessingError, preprocess
@@ -108,6 +116,8 @@ class ScanRequest:
     spool_prefix: str = "headct-upload-"
     lane: Lane = DEFAULT_LANE  # the priority lane (`lanes.resolve_lane`: asked for, and allowed the key)
     evidence: bool = False  # keep a DICOM scan's instances (no pixels) for a DICOM SR answer
+    # The findings' attention maps on the scan's own grid, in these formats (`api.inference.explanations`).
+    explain: tuple[ExplanationFormat, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ class HandledRequest:
     study_uid: str | None = None
     # The DICOM series' instances without pixels, when `ScanRequest.evidence` asked for them (DICOM SR).
     evidence: tuple[Dataset, ...] = ()
+    # The maps on the scan's grid, per format `ScanRequest.explain` asked for.
+    explanations: dict[ExplanationFormat, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -256,6 +268,7 @@ class PredictionService:
         selected = select_tasks(card, request.tasks)
         include_embedding = "embedding" in request.include
         include_attention = "attention" in request.include
+        wants_maps = include_attention or bool(request.explain)
         # Admission first (429 gateway_busy / 503 shutting_down): an overloaded gateway refuses before
         # reading the body.
         with self.admission.enter(lane):
@@ -274,10 +287,11 @@ class PredictionService:
                     series_uid=request.series_uid,
                     tasks=selected,
                     include_embedding=include_embedding,
-                    include_attention=include_attention,
+                    include_attention=wants_maps,
                     lane=lane,
                     evidence=request.evidence,
                 )
+                explanations = await self._explain(request, upload, prediction, selected)
             finally:
                 upload.unlink(missing_ok=True)
         response = build_predict_response(
@@ -296,7 +310,65 @@ class PredictionService:
             lane=lane,
             study_uid=(dicom.study_uid or None) if dicom else None,
             evidence=prediction.scan.evidence,
+            explanations=explanations,
         )
+
+    async def _explain(
+        self, request: ScanRequest, upload: Path, prediction: Prediction, selected: list[str]
+    ) -> dict[ExplanationFormat, bytes]:
+        """The selected findings' maps on the upload's own grid, in the formats asked for: a second
+        pass over the upload in the lane's pool (the voxels never leave a worker). A Parametric Map
+        holds the positive findings' maps, or the most probable finding's when none is positive: each
+        map is a float frame per source slice (~1 MB each for 512x512)."""
+        if not request.explain:
+            return {}
+        maps = prediction.result.attention
+        tasks = [task for task in selected if task in maps]
+        if len(tasks) < len(selected):
+            raise ProblemError(
+                ProblemCode.INVALID_INCLUDE,
+                "the served model has no attention maps for "
+                + ", ".join(task for task in selected if task not in maps),
+                field="include",
+                observed=sorted(MAP_INCLUDES),
+                expected=sorted(INCLUDABLE - MAP_INCLUDES),
+            )
+        card = prediction.card
+        if "dicom" in request.explain:
+            if prediction.scan.dicom is None:
+                raise ProblemError(
+                    ProblemCode.NOT_ACCEPTABLE,
+                    "a DICOM Parametric Map needs a DICOM upload (its series' geometry, patient and study); "
+                    "ask for the maps as NIfTI or PNG (`format=nifti|png`)",
+                    field="Accept",
+                    observed="application/dicom",
+                    expected=["application/json", "format=nifti", "format=png"],
+                )
+            thresholds = {task.name: task.threshold for task in card.tasks}
+            probabilities = prediction.result.probabilities
+            positive = [task for task in tasks if probabilities[task] >= thresholds[task]]
+            tasks = positive or [max(tasks, key=lambda task: probabilities[task])]
+        algorithm = Algorithm(
+            name=card.name,
+            version=card.model_version,
+            model_sha256=card.checkpoint_sha256,
+            synthetic_demo=card.synthetic_demo,
+        )
+        args = (
+            render_explanations,
+            str(upload),
+            request.content_type,
+            request.series_uid,
+            self.limits,
+            {task: maps[task] for task in tasks},
+            request.explain,
+            algorithm,
+        )
+        started = time.perf_counter()
+        pool = self.bulk_pool if request.lane is Lane.BULK and self.bulk_pool is not None else self.pool
+        rendered = await pool.run(*args, lane=request.lane)
+        prediction.timings_ms["explain"] = round((time.perf_counter() - started) * 1000.0, 3)
+        return rendered
 
     async def _prepare_in_pool(
         self, lane: Lane, upload: Path, content_type: str, series_uid: str | None, evidence: bool

@@ -43,6 +43,7 @@ from tests.stack import LocalGateway, free_port, running_gateway
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 300.0
+PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 UNKNOWN_STUDY = "1.2.826.0.1.3680043.8.498.999999999"
 #: The studies the round trips stored, for the log check at the end.
@@ -174,6 +175,34 @@ def test_round_trip_stores_the_answer_in_the_study(
     }
     print(f"\nPACS round trip: {json.dumps(timing)}")
     (tmp_path_factory.getbasetemp() / f"pacs_roundtrip_{spacing_mm:g}mm.json").write_text(json.dumps(timing))
+
+
+def test_store_with_attention_files_the_parametric_map_too(
+    orthanc: LocalOrthanc, pacs_client: httpx.Client
+) -> None:
+    """`store=true&include=attention`: the SR and a Parametric Map of the maps go into the study; QIDO
+    finds the map's series and the retrieved map sits on the source series' frame of reference."""
+    datasets = _series(5.0, seed="pacs-attention")
+    study_uid = str(datasets[0].StudyInstanceUID)
+    _STUDIES.append(study_uid)
+    _stow(orthanc, datasets)
+    started = time.perf_counter()
+    answer = pacs_client.post(
+        f"/v1/studies/{study_uid}/predict", params={"store": "true", "include": "attention"}
+    )
+    seconds = time.perf_counter() - started
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body["attention"]) == {f["name"] for f in body["findings"]}
+    sr, pm = body["stored"]
+    assert sr["sop_class_uid"] == COMPREHENSIVE_3D_SR and pm["sop_class_uid"] == PARAMETRIC_MAP_STORAGE
+    pacs = _pacs(orthanc)
+    found = pacs.search_for_series(study_uid, search_filters={"SeriesInstanceUID": pm["series_instance_uid"]})
+    assert [item["0020000E"]["Value"][0] for item in found] == [pm["series_instance_uid"]]
+    stored_map = pacs.retrieve_instance(study_uid, pm["series_instance_uid"], pm["sop_instance_uid"])
+    assert stored_map.FrameOfReferenceUID == datasets[0].FrameOfReferenceUID
+    assert int(stored_map.NumberOfFrames) >= len(datasets)
+    print(f"\nPACS round trip with attention (5 mm, {len(datasets)} slices): {seconds:.2f} s")
 
 
 def test_series_choice_and_answer_formats(orthanc: LocalOrthanc, pacs_client: httpx.Client) -> None:

@@ -6,13 +6,15 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.auth import ANONYMOUS, keyring
 from api.http.dependencies import PredictionServiceDep, SettingsDep
+from api.http.map_answers import explain_formats, map_file, multipart_related, with_preview
 from api.http.negotiation import negotiate
-from api.inference.lanes import PRIORITY_HEADER, resolve_lane
+from api.http.params import FormatQuery, IncludeQuery, PriorityHeader, PriorityQuery, TasksQuery, split_list
+from api.inference.lanes import resolve_lane
 from api.inference.service import ScanRequest
 from api.inference.uploads import declared_length
 from api.problems import problem_responses
@@ -53,13 +55,15 @@ _OPENAPI_BODY = {
 }
 
 
+_BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 _OPENAPI_OK: dict[int | str, dict[str, Any]] = {
     200: {
         "description": (
             "The findings: JSON (`PredictResponse`), or with `Accept: application/fhir+json` a FHIR R4 "
             'DiagnosticReport with one contained Observation per finding (README, "FHIR results"), or '
             "for a DICOM upload with `Accept: application/dicom` a DICOM Comprehensive 3D SR (TID 1500) "
-            "in the source study."
+            "in the source study (with `include=attention`: `multipart/related` SR + Parametric Map), or "
+            "with `format=nifti|png` the maps on the scan's grid."
         ),
         "content": {
             FHIR_MEDIA_TYPE: {
@@ -72,13 +76,12 @@ _OPENAPI_OK: dict[int | str, dict[str, Any]] = {
                 }
             },
             DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            "multipart/related": _BINARY,
+            "application/gzip": _BINARY,
+            "image/png": _BINARY,
         },
     }
 }
-
-
-def _split(value: str | None) -> list[str]:
-    return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
 @router.post(
@@ -93,53 +96,47 @@ async def predict(
     request: Request,
     service: PredictionServiceDep,
     settings: SettingsDep,
-    tasks: Annotated[str | None, Query(description="comma-separated subset of findings")] = None,
-    include: Annotated[
-        str | None,
-        Query(
-            description="comma-separated extras: `embedding`, `attention` (per finding, its 8x8x8 "
-            "explanation map on the model-input grid)"
-        ),
-    ] = None,
+    tasks: TasksQuery = None,
+    include: IncludeQuery = None,
     series_uid: Annotated[
         str | None,
         Query(max_length=64, description="SeriesInstanceUID to read when the upload holds several series"),
     ] = None,
-    priority: Annotated[
-        str | None,
-        Query(
-            max_length=16,
-            description="priority lane: `stat` (emergency: first in every queue), `routine` (default) or "
-            "`bulk` (archives; refused first when busy). Also the `X-HeadCT-Priority` header.",
-        ),
-    ] = None,
-    priority_header: Annotated[
-        str | None, Header(alias=PRIORITY_HEADER, max_length=16, include_in_schema=False)
-    ] = None,
+    priority: PriorityQuery = None,
+    priority_header: PriorityHeader = None,
+    map_format: FormatQuery = None,
 ) -> PredictResponse | Response:
     # Before the upload is read: a client that cannot take the answer should not wait for it.
     media_type = negotiate(", ".join(request.headers.getlist("accept")))
     identity = getattr(request.state, "api_key_id", ANONYMOUS)
     lane = resolve_lane(priority or priority_header, keyring(settings).lanes(identity))
     request.state.lane = lane.value  # for the access log line
+    extras = split_list(include)
+    explain = explain_formats(map_format, extras, media_type)
     handled = await service.handle(
         ScanRequest(
             chunks=request.stream(),
             content_type=request.headers.get("content-type", ""),
             request_id=request.state.request_id,
             started_at=request.state.started_at,
-            tasks=_split(tasks),
-            include=_split(include),
+            tasks=split_list(tasks),
+            include=extras,
             series_uid=series_uid,
             declared_length=declared_length(request),
             lane=lane,
-            evidence=media_type == DICOM_MEDIA_TYPE,
+            evidence=media_type == DICOM_MEDIA_TYPE and map_format is None,
+            explain=explain,
         )
     )
     request.state.timings_ms = handled.timings_ms  # for the access log line
+    if map_format is not None:
+        return map_file(handled, map_format)
     if media_type == FHIR_MEDIA_TYPE:
         report = diagnostic_report(handled.response, study_uid=handled.study_uid, issued=datetime.now(UTC))
         return JSONResponse(report, media_type=FHIR_MEDIA_TYPE)
     if media_type == DICOM_MEDIA_TYPE:
-        return Response(await asyncio.to_thread(answer_sr, handled), media_type=DICOM_MEDIA_TYPE)
-    return handled.response
+        report_bytes = await asyncio.to_thread(answer_sr, handled)
+        if "dicom" in handled.explanations:
+            return multipart_related([report_bytes, handled.explanations["dicom"]])
+        return Response(report_bytes, media_type=DICOM_MEDIA_TYPE)
+    return with_preview(handled)

@@ -6,6 +6,7 @@ study (STOW-RS)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -13,14 +14,17 @@ from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import pydicom
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.auth import ANONYMOUS, keyring
 from api.dicomweb import DicomwebConfig, PacsClient
 from api.http.dependencies import PredictionServiceDep, SettingsDep
+from api.http.map_answers import multipart_related
 from api.http.negotiation import negotiate
-from api.inference.lanes import PRIORITY_HEADER, resolve_lane
+from api.http.params import IncludeQuery, PriorityHeader, PriorityQuery, TasksQuery, split_list
+from api.inference.explanations import ExplanationFormat
+from api.inference.lanes import resolve_lane
 from api.inference.service import ScanRequest
 from api.problem_codes import ProblemCode
 from api.problems import problem_responses
@@ -36,13 +40,14 @@ UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 ZIP_MEDIA_TYPE = "application/zip"
 _CHUNK = 4 << 20
 
+_BINARY: dict[str, Any] = {"schema": {"type": "string", "format": "binary"}}
 _OPENAPI_OK: dict[int | str, dict[str, Any]] = {
     200: {
         "description": (
             "The findings for the study's CT series: JSON (`StudyPredictResponse`, with `stored` listing "
             "what `store=true` stored), or with `Accept: application/fhir+json` a FHIR R4 "
             "DiagnosticReport, or with `Accept: application/dicom` the DICOM Comprehensive 3D SR "
-            "(TID 1500) in the study."
+            "(TID 1500) in the study (with `include=attention`: `multipart/related` SR + Parametric Map)."
         ),
         "content": {
             FHIR_MEDIA_TYPE: {
@@ -54,13 +59,10 @@ _OPENAPI_OK: dict[int | str, dict[str, Any]] = {
                 }
             },
             DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            "multipart/related": _BINARY,
         },
     }
 }
-
-
-def _split(value: str | None) -> list[str]:
-    return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
 async def _file_chunks(path: FilePath) -> AsyncIterator[bytes]:
@@ -71,7 +73,7 @@ async def _file_chunks(path: FilePath) -> AsyncIterator[bytes]:
 
 @router.post(
     "/studies/{study_uid}/predict",
-    summary="Findings for a study in the PACS, optionally stored back as a DICOM SR",
+    summary="Findings for a study in the PACS, optionally stored back as a DICOM SR (and Parametric Map)",
     response_model=StudyPredictResponse,
     responses=_OPENAPI_OK
     | problem_responses(400, 403, ProblemCode.STUDY_NOT_FOUND, 406, 413, 415, 422, 429, 500, 502, 503, 504),
@@ -84,12 +86,14 @@ async def predict_study(
         str, Path(max_length=64, pattern=UID_PATTERN, description="StudyInstanceUID of the study in the PACS")
     ],
     store: Annotated[
-        bool, Query(description="store the answer as a DICOM SR into the study (STOW-RS)")
+        bool,
+        Query(
+            description="store the answer as a DICOM SR into the study (STOW-RS); with "
+            "`include=attention` also the maps as a DICOM Parametric Map"
+        ),
     ] = False,
-    tasks: Annotated[str | None, Query(description="comma-separated subset of findings")] = None,
-    include: Annotated[
-        str | None, Query(description="comma-separated extras, as for `POST /v1/predict`")
-    ] = None,
+    tasks: TasksQuery = None,
+    include: IncludeQuery = None,
     series_uid: Annotated[
         str | None,
         Query(
@@ -98,22 +102,14 @@ async def predict_study(
             description="SeriesInstanceUID to read; default: the study's CT series (the usual selection)",
         ),
     ] = None,
-    priority: Annotated[
-        str | None,
-        Query(
-            max_length=16,
-            description="priority lane: `stat`, `routine` (default) or `bulk`. Also the "
-            "`X-HeadCT-Priority` header.",
-        ),
-    ] = None,
-    priority_header: Annotated[
-        str | None, Header(alias=PRIORITY_HEADER, max_length=16, include_in_schema=False)
-    ] = None,
+    priority: PriorityQuery = None,
+    priority_header: PriorityHeader = None,
 ) -> StudyPredictResponse | Response:
     media_type = negotiate(", ".join(request.headers.getlist("accept")))
     identity = getattr(request.state, "api_key_id", ANONYMOUS)
     lane = resolve_lane(priority or priority_header, keyring(settings).lanes(identity))
     request.state.lane = lane.value  # for the access log line
+    extras = split_list(include)
     pacs = PacsClient(DicomwebConfig.from_settings(settings))  # 503 pacs_not_configured
 
     started = time.perf_counter()
@@ -132,13 +128,15 @@ async def predict_study(
                 content_type=ZIP_MEDIA_TYPE,
                 request_id=request.state.request_id,
                 started_at=request.state.started_at,
-                tasks=_split(tasks),
-                include=_split(include),
+                tasks=split_list(tasks),
+                include=extras,
                 series_uid=series_uid,
                 declared_length=retrieved.size_bytes,
                 spool_prefix="headct-pacs-upload-",
                 lane=lane,
                 evidence=store or media_type == DICOM_MEDIA_TYPE,
+                # The maps as a Parametric Map: stored with the SR, or answered with it (multipart).
+                explain=_map_formats(extras, store=store, dicom_answer=media_type == DICOM_MEDIA_TYPE),
             )
         )
     finally:
@@ -148,10 +146,37 @@ async def predict_study(
     stored: list[StoredInstance] = []
     if store or media_type == DICOM_MEDIA_TYPE:
         report = await asyncio.to_thread(answer_report, handled)
+    parametric_map = handled.explanations.get("dicom")
     if store and report is not None:
         started = time.perf_counter()
-        result = await pacs.store(study_uid, report)
+        objects = [report]
+        if parametric_map is not None:
+            objects.append(await asyncio.to_thread(pydicom.dcmread, io.BytesIO(parametric_map)))
+        stored = await _store(pacs, study_uid, objects)
         pacs_ms["pacs_store"] = round((time.perf_counter() - started) * 1000.0, 3)
+    request.state.timings_ms = {**handled.timings_ms, **pacs_ms}  # for the access log line
+
+    if media_type == FHIR_MEDIA_TYPE:
+        fhir = diagnostic_report(handled.response, study_uid=handled.study_uid, issued=datetime.now(UTC))
+        return JSONResponse(fhir, media_type=FHIR_MEDIA_TYPE)
+    if media_type == DICOM_MEDIA_TYPE and report is not None:
+        report_bytes = await asyncio.to_thread(part10_bytes, report)
+        if parametric_map is not None:
+            return multipart_related([report_bytes, parametric_map])
+        return Response(report_bytes, media_type=DICOM_MEDIA_TYPE)
+    return StudyPredictResponse(**dict(handled.response), stored=stored)
+
+
+def _map_formats(extras: list[str], *, store: bool, dicom_answer: bool) -> tuple[ExplanationFormat, ...]:
+    """With `attention`, the maps as a Parametric Map when DICOM objects go out (stored or answered)."""
+    return ("dicom",) if "attention" in extras and (store or dicom_answer) else ()
+
+
+async def _store(pacs: PacsClient, study_uid: str, objects: list[pydicom.Dataset]) -> list[StoredInstance]:
+    """STOW-RS of the answer's objects (the SR, then the Parametric Map) into the study."""
+    stored = []
+    for dataset in objects:
+        result = await pacs.store(study_uid, dataset)
         stored.append(
             StoredInstance(
                 sop_class_uid=result.sop_class_uid,
@@ -159,11 +184,4 @@ async def predict_study(
                 series_instance_uid=result.series_instance_uid,
             )
         )
-    request.state.timings_ms = {**handled.timings_ms, **pacs_ms}  # for the access log line
-
-    if media_type == FHIR_MEDIA_TYPE:
-        fhir = diagnostic_report(handled.response, study_uid=handled.study_uid, issued=datetime.now(UTC))
-        return JSONResponse(fhir, media_type=FHIR_MEDIA_TYPE)
-    if media_type == DICOM_MEDIA_TYPE and report is not None:
-        return Response(await asyncio.to_thread(part10_bytes, report), media_type=DICOM_MEDIA_TYPE)
-    return StudyPredictResponse(**dict(handled.response), stored=stored)
+    return stored
