@@ -123,10 +123,12 @@ def test_batch_scores_an_archive_across_an_interruption(
     root, good = archive
     out = tmp_path / "results.parquet"
     command = [str(HEADCT), "batch", str(root), "--out", str(out), "--url", gateway_url]
-    command += ["--embeddings", "--concurrency", "2"]
+    command += ["--embeddings", "--concurrency"]
     started = time.monotonic()
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while journal_lines(out.with_name(out.name + ".journal")) < 8:
+    # One worker and an early Ctrl-C: on a loaded machine the whole archive took ~3 s at concurrency 2,
+    # which left the interruption racing the end of the run.
+    first = subprocess.Popen([*command, "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while journal_lines(out.with_name(out.name + ".journal")) < 3:
         assert first.poll() is None, f"finished before it could be interrupted: {first.communicate()}"
         assert time.monotonic() - started < 120
         time.sleep(0.02)
@@ -134,9 +136,9 @@ def test_batch_scores_an_archive_across_an_interruption(
     _, errors = first.communicate(timeout=120)
     assert first.returncode == 130, errors
     kept = {row["scan_id"]: row for row in pq.read_table(out).to_pylist()}
-    assert 8 <= len(kept) < 30, errors
+    assert 3 <= len(kept) < 30, errors
 
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    second = subprocess.run([*command, "2"], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert f"30 scans, {len(kept)} already done; scoring {30 - len(kept)} with 2 workers" in second.stderr
     assert "ok 25, refused 5 (unreadable_file 2, " in second.stderr and "failed 0" in second.stderr

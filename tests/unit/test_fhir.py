@@ -298,6 +298,13 @@ def test_the_route_refuses_an_unacceptable_answer_before_reading_the_scan(
 
 def test_openapi_documents_the_fhir_answer_and_406() -> None:
     responses = create_app().openapi()["paths"]["/v1/predict"]["post"]["responses"]
-    assert set(responses["200"]["content"]) == {JSON_MEDIA_TYPE, FHIR_MEDIA_TYPE, "application/dicom"}
+    assert set(responses["200"]["content"]) == {
+        JSON_MEDIA_TYPE,
+        FHIR_MEDIA_TYPE,
+        "application/dicom",
+        "multipart/related",  # the SR and the Parametric Map (include=attention)
+        "application/gzip",  # format=nifti
+        "image/png",  # format=png
+    }
     assert "$ref" in responses["200"]["content"][JSON_MEDIA_TYPE]["schema"]
     assert "`not_acceptable`" in responses["406"]["description"]
