@@ -188,12 +188,13 @@ def test_store_with_attention_files_the_parametric_map_too(
     _stow(orthanc, datasets)
     started = time.perf_counter()
     answer = pacs_client.post(
-        f"/v1/studies/{study_uid}/predict", params={"store": "true", "include": "attention"}
+        f"/v1/studies/{study_uid}/predict", params={"store": "true", "include": "attention,preview"}
     )
     seconds = time.perf_counter() - started
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert set(body["attention"]) == {f["name"] for f in body["findings"]}
+    assert body["preview"]["media_type"] == "image/png" and body["preview"]["data_base64"]
     sr, pm = body["stored"]
     assert sr["sop_class_uid"] == COMPREHENSIVE_3D_SR and pm["sop_class_uid"] == PARAMETRIC_MAP_STORAGE
     pacs = _pacs(orthanc)

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from api.auth import ANONYMOUS, keyring
 from api.dicomweb import DicomwebConfig, PacsClient
 from api.http.dependencies import PredictionServiceDep, SettingsDep
-from api.http.map_answers import multipart_related
+from api.http.map_answers import multipart_related, with_preview
 from api.http.negotiation import negotiate
 from api.http.params import IncludeQuery, PriorityHeader, PriorityQuery, TasksQuery, split_list
 from api.inference.explanations import ExplanationFormat
@@ -164,12 +164,18 @@ async def predict_study(
         if parametric_map is not None:
             return multipart_related([report_bytes, parametric_map])
         return Response(report_bytes, media_type=DICOM_MEDIA_TYPE)
-    return StudyPredictResponse(**dict(handled.response), stored=stored)
+    return StudyPredictResponse(**dict(with_preview(handled)), stored=stored)
 
 
 def _map_formats(extras: list[str], *, store: bool, dicom_answer: bool) -> tuple[ExplanationFormat, ...]:
-    """With `attention`, the maps as a Parametric Map when DICOM objects go out (stored or answered)."""
-    return ("dicom",) if "attention" in extras and (store or dicom_answer) else ()
+    """With `attention`, the maps as a Parametric Map when DICOM objects go out (stored or answered);
+    with `preview`, the PNG montage for the JSON answer."""
+    formats: list[ExplanationFormat] = []
+    if "attention" in extras and (store or dicom_answer):
+        formats.append("dicom")
+    if "preview" in extras and not dicom_answer:
+        formats.append("png")
+    return tuple(formats)
 
 
 async def _store(pacs: PacsClient, study_uid: str, objects: list[pydicom.Dataset]) -> list[StoredInstance]:
