@@ -117,6 +117,10 @@ def journal_lines(journal: Path) -> int:
         return 0
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_batch_scores_an_archive_across_an_interruption(
     gateway_url: str, archive: tuple[Path, list[str]], tmp_path: Path
 ) -> None:
@@ -125,9 +129,16 @@ def test_batch_scores_an_archive_across_an_interruption(
     command = [str(HEADCT), "batch", str(root), "--out", str(out), "--url", gateway_url]
     command += ["--embeddings", "--concurrency"]
     started = time.monotonic()
-    # One worker and an early Ctrl-C: on a loaded machine the whole archive took ~3 s at concurrency 2,
-    # which left the interruption racing the end of the run.
-    first = subprocess.Popen([*command, "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # One worker and an early Ctrl-C leave the run seconds to go when it is interrupted. The child gets
+    # SIGINT's default back: a suite started in the background (`make test &`) inherits SIGINT ignored,
+    # and a Python started with it ignored never raises KeyboardInterrupt.
+    first = subprocess.Popen(
+        [*command, "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     while journal_lines(out.with_name(out.name + ".journal")) < 3:
         assert first.poll() is None, f"finished before it could be interrupted: {first.communicate()}"
         assert time.monotonic() - started < 120
