@@ -33,17 +33,20 @@ PREVIEW: Final = "preview"
 
 
 def explain_formats(
-    map_format: MapFormat | None, include: Sequence[str], media_type: str
+    map_format: MapFormat | None, include: Sequence[str], media_type: str, *, store: bool = False
 ) -> tuple[ExplanationFormat, ...]:
-    """The formats the worker must render the maps in for this request."""
-    formats: list[ExplanationFormat] = []
+    """The formats the worker must render the maps in for this request: the `format` file; else the
+    Parametric Map when DICOM objects go out with `include=attention` (answered, or stored into the
+    PACS with `store`), and the PNG for a JSON answer's `include=preview`."""
     if map_format is not None:
-        formats.append(map_format)
-    if PREVIEW in include and map_format is None and media_type != DICOM_MEDIA_TYPE:
-        formats.append("png")
-    if "attention" in include and media_type == DICOM_MEDIA_TYPE and map_format is None:
+        return (map_format,)
+    dicom_answer = media_type == DICOM_MEDIA_TYPE
+    formats: list[ExplanationFormat] = []
+    if "attention" in include and (dicom_answer or store):
         formats.append("dicom")
-    return tuple(dict.fromkeys(formats))
+    if PREVIEW in include and not dicom_answer:
+        formats.append("png")
+    return tuple(formats)
 
 
 def map_file(handled: HandledRequest, map_format: MapFormat) -> Response:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Header, Query
+from fastapi import Header, Query, Request
 
+from api.auth import ANONYMOUS, keyring
 from api.http.map_answers import MapFormat
-from api.inference.lanes import PRIORITY_HEADER
+from api.inference.lanes import PRIORITY_HEADER, Lane, resolve_lane
+from api.settings import Settings
 
 TasksQuery = Annotated[str | None, Query(description="comma-separated subset of findings")]
 IncludeQuery = Annotated[
@@ -41,3 +43,12 @@ PriorityHeader = Annotated[str | None, Header(alias=PRIORITY_HEADER, max_length=
 def split_list(value: str | None) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def request_lane(request: Request, settings: Settings, asked: str | None) -> Lane:
+    """The lane asked for (query or header) as the caller's API key allows it (400
+    ``invalid_priority``, 403 ``priority_not_allowed``), noted for the access log line."""
+    identity = getattr(request.state, "api_key_id", ANONYMOUS)
+    lane = resolve_lane(asked, keyring(settings).lanes(identity))
+    request.state.lane = lane.value
+    return lane

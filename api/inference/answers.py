@@ -97,20 +97,25 @@ def build_predict_response(
     )
 
 
+def no_maps(missing: list[str], asked: list[str]) -> ProblemError:
+    """400 ``invalid_include``: maps asked of a model exported without them (or whose card does not say
+    how they are made)."""
+    return ProblemError(
+        ProblemCode.INVALID_INCLUDE,
+        f"the served model has no attention maps for {', '.join(missing)}",
+        field="include",
+        observed=asked,
+        expected=sorted(INCLUDABLE - MAP_INCLUDES),
+    )
+
+
 def _attention_maps(card: ModelCard, prediction: Prediction, selected: list[str]) -> dict[str, AttentionMap]:
     """The selected findings' maps ({task: [g, g, g] array}) as the response's `attention` object."""
     methods = {task.name: task.attention_method for task in card.tasks}
     maps = prediction.result.attention
     missing = [name for name in selected if name not in maps or methods.get(name) is None]
     if missing:
-        # A model exported without attention maps (or its card does not say how they are made).
-        raise ProblemError(
-            ProblemCode.INVALID_INCLUDE,
-            f"the served model has no attention maps for {', '.join(missing)}",
-            field="include",
-            observed=["attention"],
-            expected=sorted(INCLUDABLE - MAP_INCLUDES),
-        )
+        raise no_maps(missing, asked=["attention"])
     return {
         name: AttentionMap(
             grid=list(maps[name].shape),

@@ -23,22 +23,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from api import metrics
 from api.inference.admission import Admission
-from api.inference.answers import (
-    INCLUDABLE,
-    MAP_INCLUDES,
-    build_predict_response,
-    check_includes,
-    select_tasks,
-)
+from api.inference.answers import MAP_INCLUDES, build_predict_response, check_includes, no_maps, select_tasks
 from api.inference.batching import BatchAnswer, MicroBatcher, deadline_exceeded
 from api.inference.explanations import ExplanationFormat, render_explanations
 from api.inference.lanes import DEFAULT_LANE, Lane
@@ -59,6 +53,8 @@ if TYPE_CHECKING:
 
     from api.inference.backend import InferenceBackend
     from headct.model_card import ModelCard
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -323,16 +319,9 @@ class PredictionService:
         if not request.explain:
             return {}
         maps = prediction.result.attention
-        tasks = [task for task in selected if task in maps]
-        if len(tasks) < len(selected):
-            raise ProblemError(
-                ProblemCode.INVALID_INCLUDE,
-                "the served model has no attention maps for "
-                + ", ".join(task for task in selected if task not in maps),
-                field="include",
-                observed=sorted(MAP_INCLUDES),
-                expected=sorted(INCLUDABLE - MAP_INCLUDES),
-            )
+        if missing := [task for task in selected if task not in maps]:
+            raise no_maps(missing, asked=sorted(MAP_INCLUDES))
+        tasks = list(selected)
         card = prediction.card
         if "dicom" in request.explain:
             if prediction.scan.dicom is None:
@@ -354,7 +343,9 @@ class PredictionService:
             model_sha256=card.checkpoint_sha256,
             synthetic_demo=card.synthetic_demo,
         )
-        args = (
+        started = time.perf_counter()
+        rendered = await self._run_in_lane_pool(
+            request.lane,
             render_explanations,
             str(upload),
             request.content_type,
@@ -364,25 +355,27 @@ class PredictionService:
             request.explain,
             algorithm,
         )
-        started = time.perf_counter()
-        pool = self.bulk_pool if request.lane is Lane.BULK and self.bulk_pool is not None else self.pool
-        rendered = await pool.run(*args, lane=request.lane)
         prediction.timings_ms["explain"] = round((time.perf_counter() - started) * 1000.0, 3)
         return rendered
 
     async def _prepare_in_pool(
         self, lane: Lane, upload: Path, content_type: str, series_uid: str | None, evidence: bool
     ) -> tuple[DecodedScan, np.ndarray, list[tuple[str, str]], dict[str, float]]:
-        """`_prepare` in the lane's pool. While a STAT or routine scan is preprocessed no new bulk scan
-        starts: on a small node even a lower-priority bulk worker on the other core slows it (memory
-        bandwidth, shared caches) by half again."""
-        args = (_prepare, str(upload), content_type, series_uid, self.limits, evidence)
+        """`_prepare` in the lane's pool (`_run_in_lane_pool`)."""
+        return await self._run_in_lane_pool(
+            lane, _prepare, str(upload), content_type, series_uid, self.limits, evidence
+        )
+
+    async def _run_in_lane_pool(self, lane: Lane, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in the lane's pool. While a STAT or routine scan is in a worker no new bulk
+        job starts: on a small node even a lower-priority bulk worker on the other core slows it
+        (memory bandwidth, shared caches) by half again."""
         if self.bulk_pool is None:
-            return await self.pool.run(*args, lane=lane)
+            return await self.pool.run(function, *args, lane=lane)
         if lane is Lane.BULK:
-            return await self.bulk_pool.run(*args, lane=lane)
+            return await self.bulk_pool.run(function, *args, lane=lane)
         with self.bulk_pool.gate.held():
-            return await self.pool.run(*args, lane=lane)
+            return await self.pool.run(function, *args, lane=lane)
 
     async def predict(
         self,

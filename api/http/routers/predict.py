@@ -9,12 +9,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.auth import ANONYMOUS, keyring
 from api.http.dependencies import PredictionServiceDep, SettingsDep
 from api.http.map_answers import explain_formats, map_file, multipart_related, with_preview
 from api.http.negotiation import negotiate
-from api.http.params import FormatQuery, IncludeQuery, PriorityHeader, PriorityQuery, TasksQuery, split_list
-from api.inference.lanes import resolve_lane
+from api.http.params import (
+    FormatQuery,
+    IncludeQuery,
+    PriorityHeader,
+    PriorityQuery,
+    TasksQuery,
+    request_lane,
+    split_list,
+)
 from api.inference.service import ScanRequest
 from api.inference.uploads import declared_length
 from api.problems import problem_responses
@@ -108,9 +114,7 @@ async def predict(
 ) -> PredictResponse | Response:
     # Before the upload is read: a client that cannot take the answer should not wait for it.
     media_type = negotiate(", ".join(request.headers.getlist("accept")))
-    identity = getattr(request.state, "api_key_id", ANONYMOUS)
-    lane = resolve_lane(priority or priority_header, keyring(settings).lanes(identity))
-    request.state.lane = lane.value  # for the access log line
+    lane = request_lane(request, settings, priority or priority_header)
     extras = split_list(include)
     explain = explain_formats(map_format, extras, media_type)
     handled = await service.handle(

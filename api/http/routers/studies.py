@@ -17,14 +17,11 @@ import pydicom
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.auth import ANONYMOUS, keyring
 from api.dicomweb import DicomwebConfig, PacsClient
 from api.http.dependencies import PredictionServiceDep, SettingsDep
-from api.http.map_answers import multipart_related, with_preview
+from api.http.map_answers import explain_formats, multipart_related, with_preview
 from api.http.negotiation import negotiate
-from api.http.params import IncludeQuery, PriorityHeader, PriorityQuery, TasksQuery, split_list
-from api.inference.explanations import ExplanationFormat
-from api.inference.lanes import resolve_lane
+from api.http.params import IncludeQuery, PriorityHeader, PriorityQuery, TasksQuery, request_lane, split_list
 from api.inference.service import ScanRequest
 from api.problem_codes import ProblemCode
 from api.problems import problem_responses
@@ -106,9 +103,7 @@ async def predict_study(
     priority_header: PriorityHeader = None,
 ) -> StudyPredictResponse | Response:
     media_type = negotiate(", ".join(request.headers.getlist("accept")))
-    identity = getattr(request.state, "api_key_id", ANONYMOUS)
-    lane = resolve_lane(priority or priority_header, keyring(settings).lanes(identity))
-    request.state.lane = lane.value  # for the access log line
+    lane = request_lane(request, settings, priority or priority_header)
     extras = split_list(include)
     pacs = PacsClient(DicomwebConfig.from_settings(settings))  # 503 pacs_not_configured
 
@@ -135,8 +130,7 @@ async def predict_study(
                 spool_prefix="headct-pacs-upload-",
                 lane=lane,
                 evidence=store or media_type == DICOM_MEDIA_TYPE,
-                # The maps as a Parametric Map: stored with the SR, or answered with it (multipart).
-                explain=_map_formats(extras, store=store, dicom_answer=media_type == DICOM_MEDIA_TYPE),
+                explain=explain_formats(None, extras, media_type, store=store),
             )
         )
     finally:
@@ -165,17 +159,6 @@ async def predict_study(
             return multipart_related([report_bytes, parametric_map])
         return Response(report_bytes, media_type=DICOM_MEDIA_TYPE)
     return StudyPredictResponse(**dict(with_preview(handled)), stored=stored)
-
-
-def _map_formats(extras: list[str], *, store: bool, dicom_answer: bool) -> tuple[ExplanationFormat, ...]:
-    """With `attention`, the maps as a Parametric Map when DICOM objects go out (stored or answered);
-    with `preview`, the PNG montage for the JSON answer."""
-    formats: list[ExplanationFormat] = []
-    if "attention" in extras and (store or dicom_answer):
-        formats.append("dicom")
-    if "preview" in extras and not dicom_answer:
-        formats.append("png")
-    return tuple(formats)
 
 
 async def _store(pacs: PacsClient, study_uid: str, objects: list[pydicom.Dataset]) -> list[StoredInstance]:
