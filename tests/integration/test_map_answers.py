@@ -103,5 +103,15 @@ def test_an_unknown_format_is_refused_with_a_code(client: httpx.Client, nifti: b
         params={"format": "gif"},
         headers={"Content-Type": "application/octet-stream"},
     )
-    assert answer.status_code in (400, 422)
-    assert answer.headers["content-type"].startswith("application/problem+json") and answer.json()["code"]
+    assert answer.status_code == 400 and answer.headers["content-type"].startswith("application/problem+json")
+    assert answer.json()["code"] == "invalid_request"
+
+
+def test_a_parametric_map_needs_a_dicom_upload(client: httpx.Client, nifti: bytes) -> None:  # noqa: F811
+    answer = client.post(
+        "/v1/predict",
+        content=nifti,
+        params={"include": "attention"},
+        headers={"Content-Type": "application/octet-stream", "Accept": "application/dicom"},
+    )
+    assert answer.status_code == 406 and answer.json()["code"] == "not_acceptable"
