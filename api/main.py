@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.model_version,
             timeout_s=settings.inference_timeout_s,
             retry_after_s=settings.retry_after_s,
+            shared_memory=settings.triton_shared_memory,
         )
         app.state.settings = settings
         app.state.model = model

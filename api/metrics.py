@@ -72,6 +72,11 @@ BATCH_SIZE = Histogram(
 )
 REJECTIONS = Counter("headct_rejections_total", "Requests answered with a 4xx/5xx problem", ["code"])
 TRITON_ERRORS = Counter("headct_triton_errors_total", "Failed calls to Triton by gRPC status", ["code"])
+TRITON_INPUTS = Counter(
+    "headct_triton_inputs_total",
+    "Triton calls by how the model input travelled: shared_memory (Triton on this host) or message",
+    ["transport"],
+)
 MODEL_READY = Gauge(
     "headct_model_ready", "1 when Triton reports the model ready, else 0", multiprocess_mode="livemax"
 )

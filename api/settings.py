@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     model_name: str = contract.DEFAULT_MODEL_NAME
     model_version: str = Field(default="", description="Triton model version; empty = the latest")
     inference_timeout_s: float = Field(default=30.0, gt=0)
+    triton_shared_memory: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: when Triton runs on this host, hand it the model input through shared memory "
+        "(falls back to the gRPC message when it cannot map it); off: always the message",
+    )
 
     max_upload_bytes: int = Field(default=1 << 30, gt=0, description="larger bodies get 413")
     spool_dir: str | None = Field(default=None, description="where uploads are spooled; default: system temp")

@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 from api import metrics
 from api.inference.batching import BatchAnswer
 from api.inference.lanes import DEFAULT_LANE, Lane
+from api.inference.triton_shm import DEFAULT_REGIONS, InputRegions, SharedMemoryMode
 from api.problems import ProblemCode, ProblemError
 from headct import contract
 from headct.model_card import MODEL_CARD_PARAMETER, InputContract, ModelCard
@@ -57,7 +58,16 @@ def _grpc_code(error: InferenceServerException) -> str:
 class TritonModel:
     """The served FM-HCT model as seen through Triton: readiness, model card, inference."""
 
-    def __init__(self, url: str, model_name: str, model_version: str, timeout_s: float, retry_after_s: int):
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        model_version: str,
+        timeout_s: float,
+        retry_after_s: int,
+        shared_memory: SharedMemoryMode = "auto",
+        shared_memory_regions: int = DEFAULT_REGIONS,
+    ):
         self.model_name = model_name
         self.model_version = model_version
         self.timeout_s = timeout_s
@@ -75,9 +85,19 @@ class TritonModel:
         self._generation = 0
         self._read_lock = asyncio.Lock()  # single flight: one get_model_config at a time
         self._was_ready: bool | None = None
+        # The model input through shared memory when Triton is on this host (api/inference/triton_shm.py).
+        self._shared_memory_regions = shared_memory_regions if shared_memory == "auto" else 0
+        self._input_regions: InputRegions | None = None
 
     async def close(self) -> None:
+        if self._input_regions is not None:
+            await self._input_regions.close()
         await self._client.close()
+
+    @property
+    def input_in_shared_memory(self) -> bool:
+        """Whether inputs go to Triton through shared memory now (registered on first inference)."""
+        return self._input_regions is not None and self._input_regions.registered
 
     async def is_ready(self) -> bool:
         """Whether Triton serves the model. With a cached card (and no pinned version) this asks about
@@ -97,8 +117,11 @@ class TritonModel:
             ready = False
         metrics.MODEL_READY.set(1 if ready else 0)
         if self._was_ready is not None and ready != self._was_ready:
-            # Not ready, then ready again: Triton (re)loaded the model, maybe another version or config.
+            # Not ready, then ready again: Triton (re)loaded the model, maybe another version or config,
+            # or restarted, forgetting the shared-memory regions this gateway registered.
             self.invalidate_card(f"model readiness changed to {'ready' if ready else 'not ready'}")
+            if self._input_regions is not None:
+                self._input_regions.invalidate()
         self._was_ready = ready
         return ready
 
@@ -282,17 +305,8 @@ class TritonModel:
         limit = self.timeout_s if timeout_s is None else max(0.001, min(self.timeout_s, timeout_s))
         request_bound = timeout_s is not None and timeout_s <= self.timeout_s
         batch = np.ascontiguousarray(batch, dtype=np.float16)
-        tensor = grpcclient.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_DATATYPE)
-        tensor.set_data_from_numpy(batch)
         try:
-            result = await self._client.infer(
-                self.model_name,
-                [tensor],
-                model_version=self.model_version,
-                outputs=[grpcclient.InferRequestedOutput(name) for name in names],
-                client_timeout=limit,
-                priority=lane.triton_priority if self.priority_levels >= contract.PRIORITY_LEVELS else 0,
-            )
+            result = await self._infer_call(batch, names, limit, lane)
         except InferenceServerException as error:
             code = _grpc_code(error)
             metrics.TRITON_ERRORS.labels(code=code).inc()
@@ -323,6 +337,59 @@ class TritonModel:
                 )
             answer[name] = array
         return BatchAnswer(answer, served)
+
+    async def _infer_call(
+        self, batch: np.ndarray, names: list[str], limit: float, lane: Lane
+    ) -> grpcclient.InferResult:
+        """One Triton call, its input in a shared-memory region when one is free; sent again in the
+        message when Triton no longer knows the region (it restarted since the registration)."""
+        regions = self._regions_for(batch)
+        region = await regions.lend(batch.nbytes) if regions is not None else None
+        tensor = grpcclient.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_DATATYPE)
+        try:
+            if region is not None:
+                tensor.set_shared_memory(region.name, region.write(batch))
+            else:
+                tensor.set_data_from_numpy(batch)
+            metrics.TRITON_INPUTS.labels(transport="message" if region is None else "shared_memory").inc()
+            try:
+                return await self._send(tensor, names, limit, lane)
+            except InferenceServerException as error:
+                if region is None or regions is None or "shared memory" not in (error.message() or ""):
+                    raise
+                log.info("Triton forgot this gateway's shared-memory regions; registering them again")
+                regions.invalidate()
+                tensor = grpcclient.InferInput(
+                    contract.INPUT_NAME, list(batch.shape), contract.INPUT_DATATYPE
+                )
+                tensor.set_data_from_numpy(batch)
+                metrics.TRITON_INPUTS.labels(transport="message").inc()
+                return await self._send(tensor, names, limit, lane)
+        finally:
+            if region is not None and regions is not None:
+                regions.give_back(region)
+
+    async def _send(
+        self, tensor: grpcclient.InferInput, names: list[str], limit: float, lane: Lane
+    ) -> grpcclient.InferResult:
+        return await self._client.infer(
+            self.model_name,
+            [tensor],
+            model_version=self.model_version,
+            outputs=[grpcclient.InferRequestedOutput(name) for name in names],
+            client_timeout=limit,
+            priority=lane.triton_priority if self.priority_levels >= contract.PRIORITY_LEVELS else 0,
+        )
+
+    def _regions_for(self, batch: np.ndarray) -> InputRegions | None:
+        """The input regions, made on the first call: each holds a batch of Triton's maximum size."""
+        if self._shared_memory_regions <= 0:
+            return None
+        if self._input_regions is None:
+            per_scan = batch.nbytes // max(1, len(batch))
+            scans = max(len(batch), self.max_batch_size or 1)
+            self._input_regions = InputRegions(self._client, self._shared_memory_regions, per_scan * scans)
+        return self._input_regions
 
     def unavailable(self, detail: str) -> ProblemError:
         return ProblemError(

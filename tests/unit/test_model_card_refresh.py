@@ -140,7 +140,10 @@ class FakeTritonClient:
 
 def model_with(client: FakeTritonClient, model_version: str = "") -> TritonModel:
     with mock.patch("api.inference.triton.grpcclient.InferenceServerClient", lambda **kwargs: client):
-        return TritonModel("127.0.0.1:1", "fmhct", model_version, timeout_s=1.0, retry_after_s=7)
+        # The input's transport is tests/unit/test_triton_shm.py's subject; this fake has no shared memory.
+        return TritonModel(
+            "127.0.0.1:1", "fmhct", model_version, timeout_s=1.0, retry_after_s=7, shared_memory="off"
+        )
 
 
 def refusal(model: TritonModel) -> ProblemError:

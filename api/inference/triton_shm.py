@@ -1,0 +1,147 @@
+"""The model input handed to a Triton on the same host through system shared memory, not inside the
+gRPC message.
+
+A 5.3 MB fp16 scan sent in the gRPC message is copied five times on its way: into the request
+(`set_data_from_numpy`), into the serialised protobuf, through the loopback socket twice, and out of
+the message in Triton. When Triton runs on this host (the embedded local default, `make serve`), the
+gateway instead writes the batch once into a POSIX shared-memory region that Triton has mapped
+(Triton's system shared-memory extension) and the request only names the region. On a cluster, where
+Triton runs in its own pods, registration fails (Triton cannot open the region) and the input goes in
+the message as before: `auto` needs no configuration either way.
+
+Regions are lent one per Triton call and given back when the call returns. A call that finds none
+free, or a batch larger than a region, uses the message. The regions' names are random, so a gateway
+never maps another's, and each is unregistered from Triton and removed from /dev/shm by `close()`
+(multiprocessing's resource tracker removes the files if the gateway dies; Triton then keeps its own
+mapping of the dead gateway's regions, ``count`` x ``region_bytes`` at most, until it restarts).
+
+A Triton restart forgets registrations: `invalidate()` (called when the model's readiness changes, or a
+call names a region Triton no longer knows) makes the next call register them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from multiprocessing.shared_memory import SharedMemory
+from typing import Literal
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+log = logging.getLogger(__name__)
+
+SharedMemoryMode = Literal["auto", "off"]
+#: Triton calls that can use a region at once; more at once send their input in the message.
+DEFAULT_REGIONS = 4
+
+
+class InputRegion:
+    """One shared-memory segment registered with Triton under `name`."""
+
+    def __init__(self, size: int) -> None:
+        self.name = f"headct-input-{uuid.uuid4().hex}"
+        self.segment = SharedMemory(name=self.name, create=True, size=size)
+
+    @property
+    def key(self) -> str:
+        """The POSIX shared-memory key Triton opens (`shm_open`)."""
+        return "/" + self.name
+
+    @property
+    def size(self) -> int:
+        return self.segment.size
+
+    def write(self, batch: np.ndarray) -> int:
+        """Copy `batch` to the start of the region; the number of bytes written."""
+        view: np.ndarray = np.ndarray(batch.shape, dtype=batch.dtype, buffer=self.segment.buf)
+        np.copyto(view, batch, casting="no")
+        del view  # no export of the buffer may outlive a call (SharedMemory.close refuses then)
+        return int(batch.nbytes)
+
+    def close(self) -> None:
+        self.segment.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.segment.unlink()
+
+
+class InputRegions:
+    """`count` input regions of `region_bytes` each for one Triton, made and registered on first use
+    (`lend`) if Triton can map them."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, count: int, region_bytes: int) -> None:
+        self._client = client
+        self.count = count
+        self.region_bytes = region_bytes
+        self._regions: list[InputRegion] = []
+        self._free: list[InputRegion] = []
+        self._lock = threading.Lock()
+        self.registered = False  # with the Triton that runs now
+        self.ever_registered = False
+        self.disabled = count <= 0  # Triton cannot map them (not on this host): the message, for good
+        self._registering = asyncio.Lock()  # one registration at a time
+
+    async def lend(self, nbytes: int) -> InputRegion | None:
+        """A registered region of at least `nbytes`, or None (then send the input in the message)."""
+        if self.disabled or nbytes > self.region_bytes:
+            return None
+        if not self.registered:
+            async with self._registering:
+                if not self.registered and not await self._register():
+                    return None
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give_back(self, region: InputRegion) -> None:
+        with self._lock:
+            if region in self._regions and region not in self._free:
+                self._free.append(region)
+
+    def invalidate(self) -> None:
+        """Register again before the next use (Triton may have restarted and forgotten them)."""
+        self.registered = False
+
+    async def _register(self) -> bool:
+        """Register every region (made on the first call). The first failure before any success means
+        Triton cannot map them (another host or container): the message is then used for good. After a
+        success, a failure is taken as transient (Triton restarting): the next call tries again."""
+        if not self._regions:
+            self._regions = [InputRegion(self.region_bytes) for _ in range(self.count)]
+            self._free = list(self._regions)
+        try:
+            for region in self._regions:
+                with contextlib.suppress(InferenceServerException):  # not registered: nothing to undo
+                    await self._client.unregister_system_shared_memory(region.name)
+                await self._client.register_system_shared_memory(region.name, region.key, region.size)
+        except InferenceServerException as error:
+            if not self.ever_registered:
+                log.info(
+                    "Triton cannot map this gateway's shared memory (%s): the model input goes in the "
+                    "gRPC message",
+                    error.message(),
+                )
+                self.disabled = True
+                self._close_regions()
+            return False
+        self.registered = self.ever_registered = True
+        return True
+
+    def _close_regions(self) -> None:
+        with self._lock:
+            regions, self._regions, self._free = self._regions, [], []
+        for region in regions:
+            region.close()
+
+    async def close(self) -> None:
+        """Unregister the regions from Triton (if it is still there) and remove them."""
+        if self.registered:
+            for region in self._regions:
+                with contextlib.suppress(InferenceServerException):
+                    await self._client.unregister_system_shared_memory(region.name)
+        self.registered = False
+        self.disabled = True
+        self._close_regions()
