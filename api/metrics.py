@@ -74,7 +74,8 @@ REJECTIONS = Counter("headct_rejections_total", "Requests answered with a 4xx/5x
 TRITON_ERRORS = Counter("headct_triton_errors_total", "Failed calls to Triton by gRPC status", ["code"])
 TRITON_INPUTS = Counter(
     "headct_triton_inputs_total",
-    "Triton calls by how the model input travelled: shared_memory (Triton on this host) or message",
+    "Triton calls by how the model input travelled: in_place (read by Triton on this host where the "
+    "preprocessing worker wrote it), shared_memory (copied into a region Triton reads) or message",
     ["transport"],
 )
 MODEL_READY = Gauge(

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -37,7 +39,7 @@ from api.inference.batching import BatchAnswer, MicroBatcher, deadline_exceeded
 from api.inference.explanations import ExplanationFormat, render_explanations
 from api.inference.lanes import DEFAULT_LANE, Lane
 from api.inference.uploads import check_declared_length, spool_chunks
-from api.inference.workers import PreprocessPool
+from api.inference.workers import Leased, PreprocessPool
 from api.ingest import DecodedScan, decode_upload
 from api.ingest.scan import DEFAULT_LIMITS, IngestLimits
 from api.ingest.validation import validate
@@ -178,25 +180,43 @@ def _prepare(
     return _without_voxels(scan), np.ascontiguousarray(image, dtype=np.float16), warnings, seconds
 
 
-def _preprocess_pools(settings: Settings) -> tuple[PreprocessPool, PreprocessPool | None]:
+@runtime_checkable
+class SharesInputMemory(Protocol):
+    """A backend that can read model inputs where the preprocessing workers wrote them
+    (`TritonModel.share_input_memory`)."""
+
+    @property
+    def reads_shared_memory(self) -> bool: ...
+
+    def share_input_memory(self, owner: str, segments: Mapping[str, SharedMemory]) -> None: ...
+
+
+def _preprocess_pools(
+    settings: Settings, on_slots: Callable[[str, Mapping[str, SharedMemory]], None] | None = None
+) -> tuple[PreprocessPool, PreprocessPool | None]:
     """The pool for STAT and routine scans, and the bulk pool: its own processes at a lower CPU
     priority, started with the first bulk scan (None when `bulk_preprocess_workers` is 0 or the
-    pipeline runs in a thread: bulk then shares the pool, kept off one of its workers)."""
+    pipeline runs in a thread: bulk then shares the pool, kept off one of its workers).
+
+    A scan's model input stays in its pool's result slot until its inference is done, so each pool
+    has a slot per scan that may be in flight besides two per worker."""
     workers = settings.preprocess_workers
     bulk_workers = workers if settings.bulk_preprocess_workers is None else settings.bulk_preprocess_workers
 
-    def pool(size: int, **options: Any) -> PreprocessPool:
+    def pool(name: str, size: int, **options: Any) -> PreprocessPool:
         return PreprocessPool(
             size,
             retry_after_s=settings.retry_after_s,
             log_level=settings.log_level,
             log_format=settings.log_format,
+            result_slots=2 * size + settings.max_inflight,
+            on_slots=functools.partial(on_slots, name) if on_slots is not None else None,
             **options,
         )
 
     if workers == 0 or bulk_workers == 0:
-        return pool(workers, lane_limits={Lane.BULK: workers - 1}), None
-    return pool(workers), pool(bulk_workers, nice=settings.bulk_nice)
+        return pool("pool", workers, lane_limits={Lane.BULK: workers - 1}), None
+    return pool("pool", workers), pool("bulk", bulk_workers, nice=settings.bulk_nice)
 
 
 class PredictionService:
@@ -214,7 +234,7 @@ class PredictionService:
             bulk_max_inflight=settings.bulk_inflight_limit,
             bulk_max_queue=settings.bulk_max_queue,
         )
-        self.pool, self.bulk_pool = _preprocess_pools(settings)
+        self.pool, self.bulk_pool = _preprocess_pools(settings, self._share_slots)
         self.batcher = MicroBatcher(
             self._infer_batch,
             max_size=settings.batch_max_size,
@@ -225,6 +245,11 @@ class PredictionService:
 
     async def start(self) -> None:
         await self.pool.start()
+
+    def _share_slots(self, pool: str, segments: Mapping[str, SharedMemory]) -> None:
+        """A pool's result slots, for a backend that can read the scans' inputs where they lie."""
+        if isinstance(self.model, SharesInputMemory):
+            self.model.share_input_memory(pool, segments)
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -360,22 +385,30 @@ class PredictionService:
 
     async def _prepare_in_pool(
         self, lane: Lane, upload: Path, content_type: str, series_uid: str | None, evidence: bool
-    ) -> tuple[DecodedScan, np.ndarray, list[tuple[str, str]], dict[str, float]]:
-        """`_prepare` in the lane's pool (`_run_in_lane_pool`)."""
-        return await self._run_in_lane_pool(
-            lane, _prepare, str(upload), content_type, series_uid, self.limits, evidence
+    ) -> Leased[tuple[DecodedScan, np.ndarray, list[tuple[str, str]], dict[str, float]]]:
+        """`_prepare` in the lane's pool; when the backend can read it there, the model input is left
+        in the worker's result slot until the lease is released (after inference)."""
+        in_place = isinstance(self.model, SharesInputMemory) and self.model.reads_shared_memory
+        return await self._leased_in_lane_pool(
+            lane, in_place, _prepare, str(upload), content_type, series_uid, self.limits, evidence
         )
 
     async def _run_in_lane_pool(self, lane: Lane, function: Callable[..., T], *args: Any) -> T:
-        """`function(*args)` in the lane's pool. While a STAT or routine scan is in a worker no new bulk
-        job starts: on a small node even a lower-priority bulk worker on the other core slows it
-        (memory bandwidth, shared caches) by half again."""
+        """`function(*args)` in the lane's pool (`_leased_in_lane_pool`), its result the caller's own."""
+        return (await self._leased_in_lane_pool(lane, False, function, *args)).value
+
+    async def _leased_in_lane_pool(
+        self, lane: Lane, in_place: bool, function: Callable[..., T], *args: Any
+    ) -> Leased[T]:
+        """`function(*args)` in the lane's pool (`PreprocessPool.run_leased`). While a STAT or routine
+        scan is in a worker no new bulk job starts: on a small node even a lower-priority bulk worker
+        on the other core slows it (memory bandwidth, shared caches) by half again."""
         if self.bulk_pool is None:
-            return await self.pool.run(function, *args, lane=lane)
+            return await self.pool.run_leased(function, *args, lane=lane, in_place=in_place)
         if lane is Lane.BULK:
-            return await self.bulk_pool.run(function, *args, lane=lane)
+            return await self.bulk_pool.run_leased(function, *args, lane=lane, in_place=in_place)
         with self.bulk_pool.gate.held():
-            return await self.pool.run(function, *args, lane=lane)
+            return await self.pool.run_leased(function, *args, lane=lane, in_place=in_place)
 
     async def predict(
         self,
@@ -412,14 +445,22 @@ class PredictionService:
                 async with self.admission.slot(lane):
                     observe("queue", time.perf_counter() - started)
                     with self.batcher.expecting():
-                        scan, image, warnings, seconds = await self._prepare_in_pool(
+                        prepared = await self._prepare_in_pool(
                             lane, upload, content_type, series_uid, evidence
                         )
-                        for stage, value in seconds.items():
-                            observe(stage, value)
-                        started = time.perf_counter()
-                        answer = self.batcher.enqueue(image, deadline, outputs, lane)
-                    rows = await answer
+                        try:
+                            scan, image, warnings, seconds = prepared.value
+                            for stage, value in seconds.items():
+                                observe(stage, value)
+                            started = time.perf_counter()
+                            answer = self.batcher.enqueue(image, deadline, outputs, lane)
+                        except BaseException:
+                            prepared.release()
+                            raise
+                    try:
+                        rows = await answer
+                    finally:
+                        prepared.release()  # the input's slot, once Triton has read it
                     observe("infer", time.perf_counter() - started)
         except TimeoutError:
             raise deadline_exceeded(

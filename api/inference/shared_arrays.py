@@ -11,6 +11,10 @@ A slot goes back to the free list only once its worker is done with it: after th
 job whose caller gave up (cancelled, timed out) while it ran, when the job ends. With no free slot, or
 an array larger than a slot, the result simply travels through the pipe as before.
 
+A caller may also keep the array where it lies (`view`) and give the slot back when done with it: the
+gateway lends the slots to a Triton on the same host (api/inference/triton_shm.py), so a scan's model
+input goes from the worker that computed it to Triton without a copy in the gateway.
+
 The segments are registered with multiprocessing's resource tracker (a process of its own, shared by
 the spawned workers), which removes them from /dev/shm if the gateway dies without `close()`.
 """
@@ -68,9 +72,24 @@ class ArraySlots:
             return result
         return tuple(self._copy_out(item) if isinstance(item, SharedArray) else item for item in result)
 
-    def _copy_out(self, ref: SharedArray) -> np.ndarray:
+    def view(self, result: Any) -> Any:
+        """`result` with its `SharedArray` (if any) replaced by the array in place, valid until its slot
+        is given back (the caller gives it back once done with the array)."""
+        if not isinstance(result, tuple):
+            return result
+        return tuple(self._in_place(item) if isinstance(item, SharedArray) else item for item in result)
+
+    def _in_place(self, ref: SharedArray) -> np.ndarray:
         segment = self._segments[ref.slot]
-        return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=segment.buf).copy()
+        return np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=segment.buf)
+
+    def _copy_out(self, ref: SharedArray) -> np.ndarray:
+        return self._in_place(ref).copy()
+
+    @property
+    def segments(self) -> dict[str, SharedMemory]:
+        """Every slot's segment by name (all of them, lent or not)."""
+        return dict(self._segments)
 
     @property
     def free(self) -> int:

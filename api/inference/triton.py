@@ -7,7 +7,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from api import metrics
 from api.inference.batching import BatchAnswer
 from api.inference.lanes import DEFAULT_LANE, Lane
-from api.inference.triton_shm import DEFAULT_REGIONS, InputRegions, SharedMemoryMode
+from api.inference.triton_shm import DEFAULT_REGIONS, InputRegion, InputRegions, SharedMemoryMode
 from api.problems import ProblemCode, ProblemError
 from headct import contract
 from headct.model_card import MODEL_CARD_PARAMETER, InputContract, ModelCard
@@ -86,13 +87,26 @@ class TritonModel:
         self._read_lock = asyncio.Lock()  # single flight: one get_model_config at a time
         self._was_ready: bool | None = None
         # The model input through shared memory when Triton is on this host (api/inference/triton_shm.py).
-        self._shared_memory_regions = shared_memory_regions if shared_memory == "auto" else 0
-        self._input_regions: InputRegions | None = None
+        self._input_regions = (
+            InputRegions(self._client, shared_memory_regions) if shared_memory == "auto" else None
+        )
 
     async def close(self) -> None:
         if self._input_regions is not None:
             await self._input_regions.close()
         await self._client.close()
+
+    def share_input_memory(self, owner: str, segments: Mapping[str, SharedMemory]) -> None:
+        """Let Triton read inputs that already lie in `segments` (a preprocessing pool's result slots,
+        replacing `owner`'s earlier ones) where they are, when it can map them; the owner keeps them
+        until after `close()`."""
+        if self._input_regions is not None:
+            self._input_regions.adopt(owner, segments)
+
+    @property
+    def reads_shared_memory(self) -> bool:
+        """Whether inputs may reach Triton through shared memory (until it turns out it cannot map it)."""
+        return self._input_regions is not None and not self._input_regions.disabled
 
     @property
     def input_in_shared_memory(self) -> bool:
@@ -343,19 +357,27 @@ class TritonModel:
     ) -> grpcclient.InferResult:
         """One Triton call, its input in a shared-memory region when one is free; sent again in the
         message when Triton no longer knows the region (it restarted since the registration)."""
-        regions = self._regions_for(batch)
-        region = await regions.lend(batch.nbytes) if regions is not None else None
+        regions = self._input_regions
+        region: InputRegion | None = None
+        placed: tuple[str, int] | None = None
+        if regions is not None and await regions.ensure_registered(self._region_bytes(batch)):
+            placed = regions.locate(batch)  # already where a worker wrote it: no copy at all
+            region = None if placed is not None else regions.lend(batch.nbytes)
         tensor = grpcclient.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_DATATYPE)
         try:
-            if region is not None:
+            if placed is not None:
+                tensor.set_shared_memory(placed[0], batch.nbytes, offset=placed[1])
+            elif region is not None:
                 tensor.set_shared_memory(region.name, region.write(batch))
             else:
                 tensor.set_data_from_numpy(batch)
-            metrics.TRITON_INPUTS.labels(transport="message" if region is None else "shared_memory").inc()
+            in_memory = placed is not None or region is not None
+            transport = "in_place" if placed is not None else "shared_memory" if in_memory else "message"
+            metrics.TRITON_INPUTS.labels(transport=transport).inc()
             try:
                 return await self._send(tensor, names, limit, lane)
             except InferenceServerException as error:
-                if region is None or regions is None or "shared memory" not in (error.message() or ""):
+                if not in_memory or regions is None or "shared memory" not in (error.message() or ""):
                     raise
                 log.info("Triton forgot this gateway's shared-memory regions; registering them again")
                 regions.invalidate()
@@ -381,15 +403,9 @@ class TritonModel:
             priority=lane.triton_priority if self.priority_levels >= contract.PRIORITY_LEVELS else 0,
         )
 
-    def _regions_for(self, batch: np.ndarray) -> InputRegions | None:
-        """The input regions, made on the first call: each holds a batch of Triton's maximum size."""
-        if self._shared_memory_regions <= 0:
-            return None
-        if self._input_regions is None:
-            per_scan = batch.nbytes // max(1, len(batch))
-            scans = max(len(batch), self.max_batch_size or 1)
-            self._input_regions = InputRegions(self._client, self._shared_memory_regions, per_scan * scans)
-        return self._input_regions
+    def _region_bytes(self, batch: np.ndarray) -> int:
+        """What one of the gateway's own input regions holds: a batch of Triton's maximum size."""
+        return batch.nbytes // max(1, len(batch)) * max(len(batch), self.max_batch_size or 1)
 
     def unavailable(self, detail: str) -> ProblemError:
         return ProblemError(

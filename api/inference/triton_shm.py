@@ -26,6 +26,7 @@ import contextlib
 import logging
 import threading
 import uuid
+from collections.abc import Mapping
 from multiprocessing.shared_memory import SharedMemory
 from typing import Literal
 
@@ -69,30 +70,72 @@ class InputRegion:
             self.segment.unlink()
 
 
-class InputRegions:
-    """`count` input regions of `region_bytes` each for one Triton, made and registered on first use
-    (`lend`) if Triton can map them."""
+def _address(segment: SharedMemory) -> int:
+    return int(np.frombuffer(segment.buf, dtype=np.uint8, count=1).ctypes.data)  # type: ignore[arg-type]
 
-    def __init__(self, client: grpcclient.InferenceServerClient, count: int, region_bytes: int) -> None:
+
+class InputRegions:
+    """The shared memory this gateway registers with one Triton: `count` regions of `region_bytes` of
+    its own, lent one per call (`lend`), and segments it adopts (`adopt`: the preprocessing pool's
+    result slots, so a scan's input is read where its worker wrote it, `locate`). Registered on first
+    use (`ensure_registered`) if Triton can map them."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, count: int) -> None:
         self._client = client
         self.count = count
-        self.region_bytes = region_bytes
+        self.region_bytes = 0  # set by the first `ensure_registered`
         self._regions: list[InputRegion] = []
         self._free: list[InputRegion] = []
+        self._adopted: dict[str, dict[str, SharedMemory]] = {}  # owner -> segments by name
         self._lock = threading.Lock()
         self.registered = False  # with the Triton that runs now
         self.ever_registered = False
-        self.disabled = count <= 0  # Triton cannot map them (not on this host): the message, for good
+        self._names: set[str] = set()  # registered with Triton (to unregister when replaced or closed)
+        self._names_current = True  # False after `invalidate`: Triton may not know `_names` any more
+        self.disabled = False  # Triton cannot map them (not on this host): the message, for good
         self._registering = asyncio.Lock()  # one registration at a time
 
-    async def lend(self, nbytes: int) -> InputRegion | None:
-        """A registered region of at least `nbytes`, or None (then send the input in the message)."""
-        if self.disabled or nbytes > self.region_bytes:
-            return None
+    def adopt(self, owner: str, segments: Mapping[str, SharedMemory]) -> None:
+        """Register `segments` too, in place of `owner`'s earlier ones (with the next use); the owner
+        keeps them alive until `close()`."""
+        self._adopted[owner] = dict(segments)
+        self.registered = False
+
+    def _adopted_segments(self) -> dict[str, SharedMemory]:
+        return {name: segment for segments in self._adopted.values() for name, segment in segments.items()}
+
+    async def ensure_registered(self, region_bytes: int) -> bool:
+        """Whether regions are registered with Triton now, registering them if need be (this
+        gateway's own regions are made by the first call, `region_bytes` each)."""
+        if self.disabled:
+            return False
         if not self.registered:
             async with self._registering:
-                if not self.registered and not await self._register():
-                    return None
+                if not self.registered:
+                    if not self._regions and self.count > 0:
+                        self.region_bytes = region_bytes
+                        self._regions = [InputRegion(region_bytes) for _ in range(self.count)]
+                        self._free = list(self._regions)
+                    if not await self._register():
+                        return False
+        return bool(self._names)
+
+    def locate(self, batch: np.ndarray) -> tuple[str, int] | None:
+        """(region name, byte offset) of a C-contiguous `batch` that lies inside an adopted segment."""
+        if not self.registered or not batch.flags.c_contiguous:
+            return None
+        start = int(batch.ctypes.data)
+        for name, segment in self._adopted_segments().items():
+            offset = start - _address(segment)
+            if offset >= 0 and offset + batch.nbytes <= segment.size:
+                return name, offset
+        return None
+
+    def lend(self, nbytes: int) -> InputRegion | None:
+        """A free region of this gateway's own (after `ensure_registered`), or None: then send the
+        input in the message."""
+        if not self.registered or nbytes > self.region_bytes:
+            return None
         with self._lock:
             return self._free.pop() if self._free else None
 
@@ -102,21 +145,33 @@ class InputRegions:
                 self._free.append(region)
 
     def invalidate(self) -> None:
-        """Register again before the next use (Triton may have restarted and forgotten them)."""
+        """Register all again before the next use (Triton may have restarted and forgotten them)."""
         self.registered = False
+        self._names_current = False
+
+    def _registrations(self) -> list[tuple[str, str, int]]:
+        """(name, key, size) of every region to register."""
+        own = [(region.name, region.key, region.size) for region in self._regions]
+        adopted = self._adopted_segments()
+        return own + [(name, "/" + name, segment.size) for name, segment in adopted.items()]
 
     async def _register(self) -> bool:
-        """Register every region (made on the first call). The first failure before any success means
-        Triton cannot map them (another host or container): the message is then used for good. After a
-        success, a failure is taken as transient (Triton restarting): the next call tries again."""
-        if not self._regions:
-            self._regions = [InputRegion(self.region_bytes) for _ in range(self.count)]
-            self._free = list(self._regions)
+        """Register every region. The first failure before any success means Triton cannot map them
+        (another host or container): the message is then used for good. After a success, a failure is
+        taken as transient (Triton restarting): the next call tries again."""
+        registrations = self._registrations()
         try:
-            for region in self._regions:
+            for name in self._names - {name for name, _, _ in registrations}:  # segments replaced
+                await self._client.unregister_system_shared_memory(name)
+                self._names.discard(name)
+            for name, key, size in registrations:
+                if self._names_current and name in self._names:
+                    continue  # (only new segments are registered when a pool adds its slots)
                 with contextlib.suppress(InferenceServerException):  # not registered: nothing to undo
-                    await self._client.unregister_system_shared_memory(region.name)
-                await self._client.register_system_shared_memory(region.name, region.key, region.size)
+                    await self._client.unregister_system_shared_memory(name)
+                await self._client.register_system_shared_memory(name, key, size)
+                self._names.add(name)
+            self._names_current = True
         except InferenceServerException as error:
             if not self.ever_registered:
                 log.info(
@@ -137,11 +192,12 @@ class InputRegions:
             region.close()
 
     async def close(self) -> None:
-        """Unregister the regions from Triton (if it is still there) and remove them."""
-        if self.registered:
-            for region in self._regions:
-                with contextlib.suppress(InferenceServerException):
-                    await self._client.unregister_system_shared_memory(region.name)
+        """Unregister every region from Triton (if it is still there) and remove this gateway's own."""
+        for name in sorted(self._names):
+            with contextlib.suppress(InferenceServerException):
+                await self._client.unregister_system_shared_memory(name)
+        self._names.clear()
         self.registered = False
         self.disabled = True
+        self._adopted = {}
         self._close_regions()

@@ -33,7 +33,9 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -60,6 +62,32 @@ RESULT_SLOT_BYTES = int(np.prod(INPUT_SHAPE)) * np.dtype(np.float16).itemsize
 # A running scan's grace at shutdown before its worker is killed, then the wait for the killed ones.
 SHUTDOWN_TIMEOUT_S = 5.0
 _REAP_AFTER_KILL_S = 2.0
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Leased(Generic[T]):
+    """A job's result whose array may still lie in the pool's shared memory: `release()` (exactly once,
+    when done with the array) lends its slot again."""
+
+    value: T
+    release: Callable[[], None] = _nothing
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """`action`, run by the first call only: a slot given back twice could be taken from its next user."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return run
 
 
 def _exit_with_parent() -> None:
@@ -143,6 +171,8 @@ class PreprocessPool:
         log_format: str = "json",
         nice: int = 0,
         lane_limits: Mapping[Lane, int] | None = None,
+        result_slots: int | None = None,
+        on_slots: Callable[[Mapping[str, SharedMemory]], None] | None = None,
     ) -> None:
         self.workers = workers
         self.retry_after_s = retry_after_s
@@ -152,7 +182,11 @@ class PreprocessPool:
         self._executor: Executor | None = None
         self.gate = PriorityGate(max(1, workers), lane_limits)
         self.generation = 0  # bumped each time a broken pool is replaced (tests, logs)
+        # Two per worker by default: a job whose caller gave up may still hold one while the next runs;
+        # more where results are kept in place until inference (`run_leased`).
+        self.result_slots = 2 * workers if result_slots is None else max(result_slots, 2 * workers)
         self._slots: ArraySlots | None = None  # made with the first process pool
+        self._on_slots = on_slots  # told each new set of slots (to share them with Triton)
 
     def _current(self) -> Executor:
         if self._executor is None:
@@ -160,8 +194,9 @@ class PreprocessPool:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headct-preprocess")
             else:
                 if self._slots is None:
-                    # Two per worker: a job whose caller gave up may still hold one while the next runs.
-                    self._slots = ArraySlots(2 * self.workers, RESULT_SLOT_BYTES)
+                    self._slots = ArraySlots(self.result_slots, RESULT_SLOT_BYTES)
+                    if self._on_slots is not None:
+                        self._on_slots(self._slots.segments)
                 self._executor = ProcessPoolExecutor(
                     max_workers=self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
@@ -201,10 +236,18 @@ class PreprocessPool:
     async def run(self, function: Callable[..., T], *args: Any, lane: Lane = DEFAULT_LANE) -> T:
         """`function(*args)` in a worker, once the lanes before `lane` have had their turn. Cancelling
         the caller cancels the job if it has not started."""
-        async with self.gate.turn(lane):
-            return await self._submit(function, *args)
+        leased = await self.run_leased(function, *args, lane=lane, in_place=False)
+        return leased.value
 
-    async def _submit(self, function: Callable[..., T], *args: Any) -> T:
+    async def run_leased(
+        self, function: Callable[..., T], *args: Any, lane: Lane = DEFAULT_LANE, in_place: bool = True
+    ) -> Leased[T]:
+        """`run`, with the result's array left in its shared-memory slot (`in_place`) until the caller
+        calls `release()`; an array that came through the pipe is the caller's own (no-op release)."""
+        async with self.gate.turn(lane):
+            return await self._submit(function, *args, in_place=in_place)
+
+    async def _submit(self, function: Callable[..., T], *args: Any, in_place: bool) -> Leased[T]:
         for attempt in (1, 2):
             executor = self._current()
             slots = self._slots
@@ -224,8 +267,8 @@ class PreprocessPool:
                     raise self._lost() from None
                 continue
             if slots is None or slot is None:
-                return await self._result(executor, future)
-            return await self._result_from_slot(executor, future, slots, slot)
+                return Leased(await self._result(executor, future))
+            return await self._result_from_slot(executor, future, slots, slot, in_place)
         raise AssertionError("unreachable")
 
     async def _result(self, executor: Executor, future: Future[T]) -> T:
@@ -236,10 +279,11 @@ class PreprocessPool:
             raise self._lost() from error
 
     async def _result_from_slot(
-        self, executor: Executor, future: Future[Any], slots: ArraySlots, slot: str
-    ) -> Any:
-        """The job's result with its array copied out of `slot`. The slot is lent again only once the
-        worker cannot write into it any more: after the copy, or when a job its caller left ends."""
+        self, executor: Executor, future: Future[Any], slots: ArraySlots, slot: str, in_place: bool
+    ) -> Leased[Any]:
+        """The job's result with its array copied out of `slot`, or left there (`in_place`) until the
+        lease is released. The slot is lent again only once neither the worker nor the caller can use
+        it any more: after the copy or the release, or when a job its caller left ends."""
         try:
             result = await self._result(executor, future)
         except asyncio.CancelledError:
@@ -248,8 +292,10 @@ class PreprocessPool:
         except BaseException:
             slots.give_back(slot)
             raise
+        if in_place:
+            return Leased(slots.view(result), _once(lambda: slots.give_back(slot)))
         try:
-            return slots.take(result)
+            return Leased(slots.take(result))
         finally:
             slots.give_back(slot)
 

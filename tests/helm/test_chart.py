@@ -153,7 +153,7 @@ GATEWAY_SETTINGS = {
     "HEADCT_BUSY_RETRY_AFTER_S", "HEADCT_REQUEST_TIMEOUT_S", "HEADCT_SHUTDOWN_GRACE_S",
     "HEADCT_BATCHING_ENABLED", "HEADCT_PER_KEY_CONCURRENCY", "HEADCT_LOG_LEVEL", "HEADCT_LOG_FORMAT",
     "HEADCT_MAX_ARCHIVE_MEMBERS", "HEADCT_MAX_UNCOMPRESSED_BYTES", "HEADCT_MAX_MEMBER_BYTES",
-    "HEADCT_MAX_COMPRESSION_RATIO", "HEADCT_MAX_VOXELS",
+    "HEADCT_MAX_COMPRESSION_RATIO", "HEADCT_MAX_VOXELS", "HEADCT_TRITON_SHARED_MEMORY",
 }  # fmt: skip
 
 
@@ -203,6 +203,12 @@ def test_gateway_settings_and_probes(rendered: dict[str, Docs]) -> None:
     # Read-only root: every written path is a volume.
     mounted = {m["mountPath"] for m in gateway["volumeMounts"]}
     assert {"/tmp", settings["HEADCT_SPOOL_DIR"]} <= mounted
+    # The workers' result slots live in /dev/shm: a memory emptyDir larger than the runtime's 64 MB.
+    assert {"name": "shm", "mountPath": "/dev/shm"} in gateway["volumeMounts"]
+    shm = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "256Mi"}
+    # Triton runs in pods of its own: it cannot map the gateway's shared memory.
+    assert settings["HEADCT_TRITON_SHARED_MEMORY"] == "off"
 
 
 def test_gateway_existing_key_secret_and_multiprocess_metrics(rendered: dict[str, Docs]) -> None:

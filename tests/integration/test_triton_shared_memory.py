@@ -1,7 +1,7 @@
 """The model input through Triton's system shared memory, against the real Triton and gateways: the
-session gateway (default `auto`, Triton on this host) uses it; a gateway with it `off` sends the message
-and answers the same findings bit for bit; a stopped gateway leaves no region registered in Triton or
-behind in /dev/shm."""
+session gateway (default `auto`, Triton on this host) has Triton read a scan where its preprocessing
+worker wrote it; a gateway with it `off` sends the message and answers the same findings bit for bit; a
+stopped gateway leaves no region registered in Triton or behind in /dev/shm."""
 
 from __future__ import annotations
 
@@ -45,34 +45,35 @@ def answer(url: str, body: bytes) -> dict:
     }
 
 
-def our_regions(triton: LocalTriton) -> set[str]:
+def registered_regions(triton: LocalTriton) -> set[str]:
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{triton.ports.grpc}")
     try:
         status = client.get_system_shared_memory_status(as_json=True)
     finally:
         client.close()
-    return {name for name in status.get("regions", {}) if name.startswith("headct-input-")}
+    return set(status.get("regions", {}))
 
 
 def test_the_local_triton_reads_the_input_from_shared_memory_with_the_same_answer(
     gateway_url: str, triton: LocalTriton, head: bytes, tmp_path: Path
 ) -> None:
-    before = transported(gateway_url, "shared_memory")
+    before = transported(gateway_url, "in_place")
     through_memory = answer(gateway_url, head)
-    assert transported(gateway_url, "shared_memory") == before + 1
-    registered = our_regions(triton)
+    assert transported(gateway_url, "in_place") == before + 1  # alone: read from the worker's slot
+    registered = registered_regions(triton)
     assert registered and all(Path("/dev/shm", name).exists() for name in registered)
 
     with running_gateway(triton, tmp_path / "gateway.log", HEADCT_TRITON_SHARED_MEMORY="off") as plain:
         through_message = answer(plain.url, head)
-        assert transported(plain.url, "message") == 1 and transported(plain.url, "shared_memory") == 0
+        assert transported(plain.url, "message") == 1
+        assert transported(plain.url, "in_place") == transported(plain.url, "shared_memory") == 0
     assert through_message == through_memory  # the same tensor reached the model, bit for bit
 
     with running_gateway(triton, tmp_path / "second.log") as second:
         answer(second.url, head)
-        assert transported(second.url, "shared_memory") == 1
-        theirs = our_regions(triton) - registered
+        assert transported(second.url, "in_place") == 1
+        theirs = registered_regions(triton) - registered
         assert theirs and all(Path("/dev/shm", name).exists() for name in theirs)
     # Stopped: its regions are unregistered from Triton and removed from /dev/shm; the session's remain.
-    assert our_regions(triton) == registered
+    assert registered_regions(triton) == registered
     assert not any(Path("/dev/shm", name).exists() for name in theirs)

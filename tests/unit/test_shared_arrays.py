@@ -100,3 +100,29 @@ def test_a_slot_is_not_lent_again_while_a_left_job_may_write_it(pool: Preprocess
 
 def test_shutdown_removes_the_segments(pool: PreprocessPool) -> None:
     asyncio.run(_test_shutdown_removes_the_segments(pool))
+
+
+async def _test_a_leased_result_stays_in_its_slot_until_released(pool: PreprocessPool) -> None:
+    leased = await pool.run_leased(scan_result, 4.0)
+    slots = pool._slots
+    assert slots is not None and slots.free == 1  # held by the lease: its array is a view of the slot
+    array = leased.value[1]
+    assert np.all(array == 4.0) and not array.flags.owndata
+    assert array.ctypes.data in {
+        np.frombuffer(segment.buf, np.uint8, count=1).ctypes.data  # type: ignore[arg-type]
+        for segment in slots.segments.values()
+    }
+    other = await pool.run(scan_result, 5.0)  # meanwhile another job gets the other slot
+    assert np.all(array == 4.0) and np.all(other[1] == 5.0)
+    leased.release()
+    leased.release()  # a second release must not free the slot under its next user
+    assert slots.free == 2
+    again = await pool.run_leased(scan_result, 6.0)
+    leased.release()
+    assert slots.free == 1
+    again.release()
+    assert slots.free == 2
+
+
+def test_a_leased_result_stays_in_its_slot_until_released(pool: PreprocessPool) -> None:
+    asyncio.run(_test_a_leased_result_stays_in_its_slot_until_released(pool))

@@ -10,6 +10,7 @@ import asyncio
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from api.inference.lanes import DEFAULT_LANE
 from api.inference.triton import TritonModel
-from api.inference.triton_shm import InputRegions
+from api.inference.triton_shm import InputRegions, SharedMemoryMode
 from headct import contract
 
 
@@ -58,7 +59,13 @@ class FakeClient:
             segment = SharedMemory(name=key.lstrip("/"))
             try:
                 assert segment.buf is not None
-                data = bytes(segment.buf[: parameters["shared_memory_byte_size"].int64_param])
+                offset = (
+                    parameters["shared_memory_offset"].int64_param
+                    if "shared_memory_offset" in parameters
+                    else 0
+                )
+                size = parameters["shared_memory_byte_size"].int64_param
+                data = bytes(segment.buf[offset : offset + size])
             finally:
                 segment.close()
             self.inputs.append({"transport": "shared_memory", "data": data})
@@ -74,14 +81,15 @@ def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
 
 
-def test_regions_registered_on_first_lend_and_written_through() -> None:
+def test_regions_registered_on_first_use_and_written_through() -> None:
     async def scenario() -> None:
         client = FakeClient()
-        regions = InputRegions(client, count=2, region_bytes=1024)
-        first = await regions.lend(1000)
-        second = await regions.lend(1000)
+        regions = InputRegions(client, count=2)
+        assert regions.lend(10) is None  # not registered yet
+        assert await regions.ensure_registered(1024)
+        first, second = regions.lend(1000), regions.lend(1000)
         assert first is not None and second is not None and first is not second
-        assert await regions.lend(10) is None  # both lent: the message
+        assert regions.lend(10) is None  # both lent: the message
         assert set(client.registered) == {first.name, second.name}
         batch = np.arange(500, dtype=np.float16).reshape(1, 500)
         assert first.write(batch) == batch.nbytes
@@ -91,8 +99,8 @@ def test_regions_registered_on_first_lend_and_written_through() -> None:
         finally:
             seen.close()
         regions.give_back(first)
-        assert await regions.lend(10) is first
-        assert await regions.lend(2048) is None  # larger than a region: the message
+        assert regions.lend(10) is first
+        assert regions.lend(2048) is None  # larger than a region: the message
         await regions.close()
         assert client.registered == {}
         assert not Path("/dev/shm", first.name).exists() and not Path("/dev/shm", second.name).exists()
@@ -100,14 +108,41 @@ def test_regions_registered_on_first_lend_and_written_through() -> None:
     run(scenario())
 
 
+def test_an_adopted_segment_is_registered_and_located_in_place() -> None:
+    async def scenario() -> None:
+        client = FakeClient()
+        regions = InputRegions(client, count=0)
+        slot = SharedMemory(create=True, size=4096)
+        try:
+            regions.adopt("pool", {slot.name: slot})
+            assert await regions.ensure_registered(1024)
+            assert client.registered == {slot.name: ("/" + slot.name, slot.size)}
+            inside: np.ndarray = np.ndarray((2, 100), dtype=np.float16, buffer=slot.buf, offset=512)
+            assert regions.locate(inside) == (slot.name, 512)
+            assert regions.locate(inside[:, ::2]) is None  # not contiguous
+            assert regions.locate(np.zeros((2, 100), np.float16)) is None  # elsewhere
+            assert regions.lend(10) is None  # no regions of its own
+            regions.adopt("pool", {})  # the pool's slots are gone: unregistered with the next use
+            assert not await regions.ensure_registered(1024)
+            assert client.registered == {}
+            del inside
+            await regions.close()
+            assert client.registered == {}
+        finally:
+            slot.close()
+            slot.unlink()
+
+    run(scenario())
+
+
 def test_a_triton_that_cannot_map_the_regions_turns_them_off_for_good() -> None:
     async def scenario() -> None:
         client = FakeClient(mappable=False)
-        regions = InputRegions(client, count=2, region_bytes=1024)
-        assert await regions.lend(10) is None
-        assert regions.disabled
+        regions = InputRegions(client, count=2)
+        assert not await regions.ensure_registered(1024)
+        assert regions.disabled and regions.lend(10) is None
         tries = len(client.calls)
-        assert await regions.lend(10) is None
+        assert not await regions.ensure_registered(1024)
         assert len(client.calls) == tries  # not asked again
         assert client.calls and not any(Path("/dev/shm", name).exists() for _, name in client.calls)
         await regions.close()
@@ -118,28 +153,36 @@ def test_a_triton_that_cannot_map_the_regions_turns_them_off_for_good() -> None:
 def test_after_a_restart_the_regions_are_registered_again() -> None:
     async def scenario() -> None:
         client = FakeClient()
-        regions = InputRegions(client, count=1, region_bytes=64)
-        region = await regions.lend(64)
+        regions = InputRegions(client, count=1)
+        assert await regions.ensure_registered(64)
+        region = regions.lend(64)
         assert region is not None
         regions.give_back(region)
         client.registered.clear()  # Triton restarted
         client.mappable = False  # ... and is not back yet
         regions.invalidate()
-        assert await regions.lend(64) is None
+        assert not await regions.ensure_registered(64)
+        assert regions.lend(64) is None
         assert not regions.disabled  # it worked before: a transient failure, try again next time
         client.mappable = True
-        again = await regions.lend(64)
-        assert again is region and region.name in client.registered
+        assert await regions.ensure_registered(64)
+        assert regions.lend(64) is region and region.name in client.registered
         await regions.close()
 
     run(scenario())
 
 
-def model_with(client: FakeClient, regions: int = 2) -> TritonModel:
-    model = TritonModel(
-        "127.0.0.1:1", "fmhct", "", timeout_s=1.0, retry_after_s=1, shared_memory_regions=regions
-    )
-    model._client = client
+def model_with(client: FakeClient, regions: int = 2, mode: SharedMemoryMode = "auto") -> TritonModel:
+    with mock.patch("api.inference.triton.grpcclient.InferenceServerClient", lambda **kwargs: client):
+        model = TritonModel(
+            "127.0.0.1:1",
+            "fmhct",
+            "",
+            timeout_s=1.0,
+            retry_after_s=1,
+            shared_memory=mode,
+            shared_memory_regions=regions,
+        )
     model.max_batch_size = 4
     return model
 
@@ -163,6 +206,30 @@ def test_the_model_input_goes_through_shared_memory_when_triton_can_map_it() -> 
     run(scenario())
 
 
+def test_an_input_in_a_shared_slot_is_read_where_it_lies() -> None:
+    async def scenario() -> None:
+        client = FakeClient()
+        model = model_with(client, regions=0)  # none of its own: only the slot can carry it
+        scan = batch_of(1)
+        slot = SharedMemory(create=True, size=2 * scan.nbytes)
+        try:
+            model.share_input_memory("pool", {slot.name: slot})
+            in_slot: np.ndarray = np.ndarray(
+                scan.shape, dtype=scan.dtype, buffer=slot.buf, offset=scan.nbytes
+            )
+            in_slot[...] = scan
+            await model._infer_call(in_slot, ["probabilities"], 1.0, DEFAULT_LANE)
+            assert client.inputs[-1] == {"transport": "shared_memory", "data": scan.tobytes()}
+            del in_slot
+            await model.close()
+            assert client.registered == {}
+        finally:
+            slot.close()
+            slot.unlink()
+
+    run(scenario())
+
+
 def test_a_forgotten_region_is_sent_again_in_the_message_then_registered_again() -> None:
     async def scenario() -> None:
         client = FakeClient()
@@ -181,8 +248,12 @@ def test_a_forgotten_region_is_sent_again_in_the_message_then_registered_again()
 
 def test_off_and_unmappable_send_the_message() -> None:
     async def scenario() -> None:
-        for client, regions in ((FakeClient(), 0), (FakeClient(mappable=False), 2)):
-            model = model_with(client, regions)
+        cases: list[tuple[FakeClient, SharedMemoryMode]] = [
+            (FakeClient(), "off"),
+            (FakeClient(False), "auto"),
+        ]
+        for client, mode in cases:
+            model = model_with(client, mode=mode)
             batch = batch_of(1)
             await model._infer_call(batch, ["probabilities"], 1.0, DEFAULT_LANE)
             assert client.inputs[-1] == {"transport": "message", "data": batch.tobytes()}
