@@ -8,7 +8,8 @@ Two passes, each member read and parsed once:
    first, shared ones as fallback). Files that are not DICOM (README, DICOMDIR, ``.DS_Store``) are
    skipped and counted. The parsed datasets are kept (`ParsedMembers`) up to a byte budget for the
    pixel pass; members beyond it, and members too large to read whole, are parsed up to their pixel
-   data only and read again in the pixel pass.
+   data only and read again in the pixel pass. The header values a series repeats from slice to
+   slice (most of them) are converted from their bytes once per upload (`ElementValues`).
 2. **pixels** (`assemble`), for the selected series only: after the geometry checks pass, each
    slice is decoded (pydicom with the pylibjpeg / pyjpegls plugins: JPEG Lossless, JPEG baseline /
    extended, JPEG-LS, JPEG 2000, HTJ2K, RLE, deflated, native) and converted to HU with its own
@@ -31,7 +32,8 @@ import re
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal, overload
@@ -39,10 +41,13 @@ from typing import Any, Final, Literal, overload
 import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import iter_pixels
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -50,6 +55,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import AMBIGUOUS_VR, VR
 
 from api.ingest.errors import too_large, unreadable
 from api.ingest.members import IN_MEMORY_MEMBER_BYTES, MemberSource
@@ -129,6 +135,20 @@ PIXEL_TAGS: Final = [
     "PixelData",
 ]
 _HEADER_AND_PIXEL_TAGS: Final = list(dict.fromkeys([*HEADER_TAGS, *PIXEL_TAGS]))
+
+
+def _tags(keywords: Iterable[str]) -> list[BaseTag]:
+    # `dcmread` turns each `specific_tags` keyword into a tag on every call, through a failed hex
+    # parse (an exception) per keyword: ~45 per member, ~30 % of a CT slice's parse. Tags it keeps.
+    return [Tag(keyword) for keyword in keywords]
+
+
+_HEADER_TAG_VALUES: Final = _tags(HEADER_TAGS)
+_PIXEL_TAG_VALUES: Final = _tags(PIXEL_TAGS)
+_HEADER_AND_PIXEL_TAG_VALUES: Final = _tags(_HEADER_AND_PIXEL_TAGS)
+_SOP_CLASS_UID: Final = Tag("SOPClassUID")
+_PIXEL_DATA: Final = Tag("PixelData")
+_TRANSFER_SYNTAX_UID: Final = Tag("TransferSyntaxUID")
 #: Parsed members (their pixel bytes) kept from the header pass for the pixel pass, at most.
 PARSED_MEMBERS_BUDGET_BYTES: Final = 1 << 30
 _REDACTED: Final = "[redacted]"
@@ -209,26 +229,107 @@ def _int(value: Any) -> int | None:
         return None
 
 
+_NOT_WORD: Final = re.compile(r"[^0-9A-Z]+")
+
+
 def _words(text: str) -> list[str]:
-    return [word for word in re.split(r"[^0-9A-Z]+", text.upper()) if word]
+    return [word for word in _NOT_WORD.split(text.upper()) if word]
 
 
-def _identifier_words(ds: Dataset) -> set[str]:
-    """Words (>= 3 characters) of the patient identifiers, to redact descriptions that quote them."""
+_UNSHAREABLE_VRS: Final = frozenset({VR.SQ, VR.OB, VR.OW, VR.OV, VR.UN, *AMBIGUOUS_VR})
+#: Keyword -> (tag, VR) of the elements `ElementValues` reads: the header's, the pixel description's
+#: and the file meta's. The VR is None for those whose values are not shared between members:
+#: sequences (their items are datasets), bulk data, and elements of an ambiguous VR (pydicom
+#: resolves those from other elements of the dataset).
+_ELEMENTS: Final = {
+    keyword: (Tag(keyword), None if vr in _UNSHAREABLE_VRS else VR(vr))
+    for keyword in [*HEADER_TAGS, *PIXEL_TAGS, "MediaStorageSOPClassUID", "TransferSyntaxUID"]
+    for vr in [dictionary_VR(keyword)]
+}
+
+
+class ElementValues:
+    """``ds.get(keyword)`` for the members of one upload, each distinct encoded value converted once;
+    and the redaction of their descriptions, each distinct one once.
+
+    The slices of a series repeat most of their header (UIDs of study and series, descriptions,
+    orientation, spacing, rescale, pixel description, file meta) byte for byte, and pydicom's
+    conversion of an element's bytes to its value was most of the header pass's cost. An element
+    still in its encoded form is converted the first time its (tag, VR, length, bytes, endianness,
+    character set) comes up, by ``ds.get`` itself; later members with the same bytes get that value
+    (shared, never modified). An absent element is None and a converted one its value, as from
+    ``ds.get``; anything else (a keyword not in `_ELEMENTS`, a sequence or bulk data, an unexpected
+    explicit VR, a dataset not read from bytes) goes to ``ds.get``, and so does every conversion
+    that raises: the answers are ``ds.get``'s, errors included.
+
+    Held for one upload only: it holds patient identifiers.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, ...], Any] = {}
+        self._identifiers: dict[tuple[str, ...], frozenset[str]] = {}
+        self._redacted: dict[tuple[str, frozenset[str]], str] = {}
+
+    def identifiers(self, get: Callable[[str], Any]) -> frozenset[str]:
+        """`_identifier_words` of the patient identifiers that `get` (a `reader`) reads."""
+        texts = tuple(_text(get(keyword)) for keyword in _IDENTIFIER_TAGS)
+        words = self._identifiers.get(texts)
+        if words is None:
+            words = self._identifiers[texts] = _identifier_words(texts)
+        return words
+
+    def redact(self, text: str, identifiers: frozenset[str]) -> str:
+        """`_redact` (a frozenset keeps its hash: the key costs one lookup)."""
+        key = (text, identifiers)
+        redacted = self._redacted.get(key)
+        if redacted is None:
+            redacted = self._redacted[key] = _redact(text, identifiers)
+        return redacted
+
+    def reader(self, ds: Dataset) -> Callable[[str], Any]:
+        """``ds.get`` (keyword -> value, None when absent), sharing conversions with other members."""
+        encoding = ds.original_character_set  # what ``ds[tag]`` decodes text with ("": built in code)
+        charset = encoding if isinstance(encoding, str) else tuple(encoding)
+        memo = self._memo
+
+        def get(keyword: str) -> Any:
+            known = _ELEMENTS.get(keyword)
+            if known is None:
+                return ds.get(keyword)
+            tag, vr = known
+            element = ds.get_item(tag, keep_deferred=True)
+            if element is None:
+                return None
+            if isinstance(element, DataElement):
+                return element.value
+            if vr is None or not charset or element.VR not in (None, vr) or element.value is None:
+                return ds.get(keyword)
+            key = (tag, element.VR, element.length, element.value, element.is_little_endian, charset)
+            try:
+                return memo[key]
+            except KeyError:
+                value = memo[key] = ds.get(keyword)
+                return value
+
+        return get
+
+
+def _identifier_words(texts: Iterable[str]) -> frozenset[str]:
+    """Words (>= 3 characters) of the patient identifiers' `texts`, to redact descriptions that quote
+    them."""
     words: set[str] = set()
-    for keyword in _IDENTIFIER_TAGS:
-        text = _text(ds.get(keyword))
+    for text in texts:
         words.update(word for word in _words(text) if len(word) >= 3)
-        compact = re.sub(r"[^0-9A-Z]+", "", text.upper())
+        compact = _NOT_WORD.sub("", text.upper())
         if len(compact) >= 3:
             words.add(compact)
-    return words
+    return frozenset(words)
 
 
-def _redact(text: str, identifiers: set[str]) -> str:
+def _redact(text: str, identifiers: AbstractSet[str]) -> str:
     """`text` (at most 64 characters), or "[redacted]" when a word of it is a patient identifier."""
     words = set(_words(text))
-    compact = re.sub(r"[^0-9A-Z]+", "", text.upper())
+    compact = _NOT_WORD.sub("", text.upper())
     if words & identifiers or any(len(word) >= 6 and word in compact for word in identifiers):
         return _REDACTED
     return text[:64]
@@ -246,9 +347,9 @@ def _group(per_frame: Dataset | None, shared: Dataset | None, sequence: str) -> 
     return _first(per_frame, sequence) or _first(shared, sequence)
 
 
-def _transfer_syntax(ds: Dataset) -> str:
+def _transfer_syntax(ds: Dataset, values: ElementValues | None = None) -> str:
     meta = getattr(ds, "file_meta", None)
-    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    uid = (values or ElementValues()).reader(meta)("TransferSyntaxUID") if meta is not None else None
     if uid:
         return str(uid)
     implicit, little = ds.original_encoding
@@ -257,42 +358,47 @@ def _transfer_syntax(ds: Dataset) -> str:
     return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _headers_of(ds: Dataset, member: int, identifiers: set[str]) -> list[InstanceHeader]:
-    transfer_syntax = _transfer_syntax(ds)
-    agent = _text(ds.get("ContrastBolusAgent"))
-    if not agent and ds.get("ContrastBolusAgentSequence"):
+def _headers_of(
+    ds: Dataset, member: int, identifiers: AbstractSet[str], values: ElementValues | None = None
+) -> list[InstanceHeader]:
+    values = values or ElementValues()
+    get = values.reader(ds)
+    words = frozenset(identifiers)  # (the same object when it is one already)
+    transfer_syntax = _transfer_syntax(ds, values)
+    agent = _text(get("ContrastBolusAgent"))
+    if not agent and get("ContrastBolusAgentSequence"):
         agent = "CONTRAST AGENT SEQUENCE"
     base = InstanceHeader(
         member=member,
         frame=None,
         transfer_syntax=transfer_syntax,
-        sop_class_uid=_text(ds.get("SOPClassUID")),
-        sop_instance_uid=_text(ds.get("SOPInstanceUID")),
-        series_uid=_text(ds.get("SeriesInstanceUID")),
-        study_uid=_text(ds.get("StudyInstanceUID")),
-        frame_of_reference_uid=_text(ds.get("FrameOfReferenceUID")),
-        modality=_text(ds.get("Modality")).upper(),
-        image_type=tuple(v.strip().upper() for v in _text(ds.get("ImageType")).split("\\") if v.strip()),
-        rows=_int(ds.get("Rows")),
-        columns=_int(ds.get("Columns")),
-        samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
-        iop=_floats(ds.get("ImageOrientationPatient"), 6),
-        ipp=_floats(ds.get("ImagePositionPatient"), 3),
-        slope=_float(ds.get("RescaleSlope"), 1.0) or 1.0,
-        intercept=_float(ds.get("RescaleIntercept"), 0.0) or 0.0,
-        number_of_frames=_int(ds.get("NumberOfFrames")) or 1,
-        body_part=_text(ds.get("BodyPartExamined"))[:16],
-        study_description=_redact(_text(ds.get("StudyDescription")), identifiers),
-        series_description=_redact(_text(ds.get("SeriesDescription")), identifiers),
-        protocol_name=_redact(_text(ds.get("ProtocolName")), identifiers),
-        kernel=_text(ds.get("ConvolutionKernel"))[:32],
-        contrast_agent=_redact(agent, identifiers),
-        kvp=_float(ds.get("KVP")),
-        slice_thickness=_float(ds.get("SliceThickness")),
-        lossy=transfer_syntax in LOSSY_TRANSFER_SYNTAXES or _text(ds.get("LossyImageCompression")) == "01",
+        sop_class_uid=_text(get("SOPClassUID")),
+        sop_instance_uid=_text(get("SOPInstanceUID")),
+        series_uid=_text(get("SeriesInstanceUID")),
+        study_uid=_text(get("StudyInstanceUID")),
+        frame_of_reference_uid=_text(get("FrameOfReferenceUID")),
+        modality=_text(get("Modality")).upper(),
+        image_type=tuple(v.strip().upper() for v in _text(get("ImageType")).split("\\") if v.strip()),
+        rows=_int(get("Rows")),
+        columns=_int(get("Columns")),
+        samples_per_pixel=_int(get("SamplesPerPixel")) or 1,
+        pixel_spacing=_floats(get("PixelSpacing"), 2),
+        iop=_floats(get("ImageOrientationPatient"), 6),
+        ipp=_floats(get("ImagePositionPatient"), 3),
+        slope=_float(get("RescaleSlope"), 1.0) or 1.0,
+        intercept=_float(get("RescaleIntercept"), 0.0) or 0.0,
+        number_of_frames=_int(get("NumberOfFrames")) or 1,
+        body_part=_text(get("BodyPartExamined"))[:16],
+        study_description=values.redact(_text(get("StudyDescription")), words),
+        series_description=values.redact(_text(get("SeriesDescription")), words),
+        protocol_name=values.redact(_text(get("ProtocolName")), words),
+        kernel=_text(get("ConvolutionKernel"))[:32],
+        contrast_agent=values.redact(agent, words),
+        kvp=_float(get("KVP")),
+        slice_thickness=_float(get("SliceThickness")),
+        lossy=transfer_syntax in LOSSY_TRANSFER_SYNTAXES or _text(get("LossyImageCompression")) == "01",
     )
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    per_frame = get("PerFrameFunctionalGroupsSequence")
     if not per_frame:
         return [base]
     shared = _first(ds, "SharedFunctionalGroupsSequence")
@@ -368,12 +474,14 @@ def _parse_member(source: MemberSource, member: int, parsed: ParsedMembers) -> D
     force = data[128:132] != b"DICM"
     try:
         if whole:
-            ds = pydicom.dcmread(io.BytesIO(data), specific_tags=_HEADER_AND_PIXEL_TAGS, force=force)
-            if not parsed.keep(member, ds, len(data)) and "PixelData" in ds:
+            ds = pydicom.dcmread(io.BytesIO(data), specific_tags=_HEADER_AND_PIXEL_TAG_VALUES, force=force)
+            if not parsed.keep(member, ds, len(data)) and _PIXEL_DATA in ds:
                 del ds.PixelData  # over the budget: the pixel pass reads the member again
             return ds
         with source.open(member) as handle:
-            return pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=force)
+            return pydicom.dcmread(
+                handle, stop_before_pixels=True, specific_tags=_HEADER_TAG_VALUES, force=force
+            )
     except ProblemError:
         raise
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
@@ -383,9 +491,10 @@ def _parse_member(source: MemberSource, member: int, parsed: ParsedMembers) -> D
 def _read_headers(source: MemberSource, parsed: ParsedMembers) -> tuple[list[InstanceHeader], int]:
     headers: list[InstanceHeader] = []
     skipped = 0
+    values = ElementValues()
     for member in range(source.count()):
         ds = _parse_member(source, member, parsed)
-        found = _image_headers(ds, member) if ds is not None else None
+        found = _image_headers(ds, member, values) if ds is not None else None
         if found is None:
             parsed.take(member)  # nothing of it will be decoded: free its pixels now
             skipped += 1
@@ -394,15 +503,15 @@ def _read_headers(source: MemberSource, parsed: ParsedMembers) -> tuple[list[Ins
     return headers, skipped
 
 
-def _image_headers(ds: Dataset, member: int) -> list[InstanceHeader] | None:
+def _image_headers(ds: Dataset, member: int, values: ElementValues) -> list[InstanceHeader] | None:
     """The image planes of one parsed member; None for a DICOMDIR, a non-image or broken header."""
     meta = getattr(ds, "file_meta", None)
-    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+    if meta is not None and str(values.reader(meta)("MediaStorageSOPClassUID") or "") == DICOMDIR_SOP_CLASS:
         return None
-    if "SOPClassUID" not in ds:
+    if _SOP_CLASS_UID not in ds:
         return None
     try:
-        return _headers_of(ds, member, _identifier_words(ds))
+        return _headers_of(ds, member, values.identifiers(values.reader(ds)), values)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError):
         return None
 
@@ -528,19 +637,21 @@ def _read_pixels(handle: Any, frames: list[int] | None) -> Iterable[np.ndarray]:
         if part10:
             yield from iter_pixels(handle, indices=frames)
             return
-    yield from _dataset_pixels(pydicom.dcmread(handle, specific_tags=PIXEL_TAGS, force=True), frames)
+    yield from _dataset_pixels(pydicom.dcmread(handle, specific_tags=_PIXEL_TAG_VALUES, force=True), frames)
 
 
-def _dataset_pixels(ds: Dataset, frames: list[int] | None) -> Iterable[np.ndarray]:
+def _dataset_pixels(
+    ds: Dataset, frames: list[int] | None, values: ElementValues | None = None
+) -> Iterable[np.ndarray]:
     """Stored pixel values from a dataset read with its pixel data (all of it, or the listed frames)."""
-    if "PixelData" not in ds:
+    if _PIXEL_DATA not in ds:
         raise unreadable("DICOM", "an instance of the series has no pixel data")
-    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+    if not getattr(ds, "file_meta", None) or _TRANSFER_SYNTAX_UID not in ds.file_meta:
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         meta.TransferSyntaxUID = _transfer_syntax(ds)
         ds.file_meta = meta
     if frames is None:
-        native = _native_plane(ds)
+        native = _native_plane(ds, values)
         yield ds.pixel_array if native is None else native
         return
     yield from iter_pixels(ds, indices=frames)
@@ -551,19 +662,22 @@ _LITTLE_ENDIAN_NATIVE: Final = frozenset(
 )
 
 
-def _native_plane(ds: Dataset) -> np.ndarray | None:
+def _native_plane(ds: Dataset, values: ElementValues | None = None) -> np.ndarray | None:
     """The one plane of an uncompressed little-endian 16-bit greyscale instance (nearly every CT slice),
     read straight from its pixel bytes: the values ``ds.pixel_array`` gives (unused high bits shifted
     out the same way, ``correct_unused_bits``) at a third of its cost. None for anything else, which
     pydicom decodes."""
-    if ds.file_meta.TransferSyntaxUID not in _LITTLE_ENDIAN_NATIVE:
+    values = values or ElementValues()
+    if values.reader(ds.file_meta)("TransferSyntaxUID") not in _LITTLE_ENDIAN_NATIVE:
         return None
+    get = values.reader(ds)
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        bits_allocated, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
-        signed = int(ds.PixelRepresentation) == 1
-        frames = int(ds.get("NumberOfFrames") or 1)
-        samples = int(ds.get("SamplesPerPixel") or 1)
+        # A missing element is None here (AttributeError from ``ds.Rows``): int(None) is a TypeError.
+        rows, columns = int(get("Rows")), int(get("Columns"))
+        bits_allocated, bits_stored = int(get("BitsAllocated")), int(get("BitsStored"))
+        signed = int(get("PixelRepresentation")) == 1
+        frames = int(get("NumberOfFrames") or 1)
+        samples = int(get("SamplesPerPixel") or 1)
     except (AttributeError, TypeError, ValueError):
         return None
     pixel_bytes = ds.PixelData
@@ -585,22 +699,30 @@ def _native_plane(ds: Dataset) -> np.ndarray | None:
 
 @contextlib.contextmanager
 def _member_pixels(
-    source: MemberSource, member: int, frames: list[int] | None, scratch: Path, parsed: ParsedMembers | None
+    source: MemberSource,
+    member: int,
+    frames: list[int] | None,
+    scratch: Path,
+    parsed: ParsedMembers | None,
+    values: ElementValues,
 ) -> Iterator[Iterable[np.ndarray]]:
     """The member's planes: from its dataset kept by the header pass, or read from the member again."""
     ds = parsed.take(member) if parsed is not None else None
-    if ds is not None and "PixelData" in ds:
-        yield _dataset_pixels(ds, frames)
+    if ds is not None and _PIXEL_DATA in ds:
+        yield _dataset_pixels(ds, frames, values)
         return
     with source.seekable(member, scratch) as handle:
         yield _read_pixels(handle, frames)
 
 
 def _rescale(pixels: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
-    """``out = pixels * slope + intercept`` in float32. CT almost always has slope 1: then one pass over
-    the plane instead of two, with the same float32 values (``x * 1.0`` is ``x``)."""
+    """``out = pixels * slope + intercept`` in float32. CT almost always has slope 1: then no multiply,
+    with the same float32 values (``x * 1.0`` is ``x``): the stored values cast to float32 into `out`,
+    then the intercept added in place (the same casts and float32 sums as one ``np.add(pixels,
+    intercept, dtype=float32)``, whose buffered mixed-type loop is slower than the two plain ones)."""
     if slope == 1.0:
-        np.add(pixels, np.float32(intercept), out=out, dtype=np.float32, casting="unsafe")
+        np.copyto(out, pixels, casting="unsafe")
+        out += np.float32(intercept)
         return
     np.multiply(pixels, np.float32(slope), out=out, casting="unsafe")
     out += np.float32(intercept)
@@ -627,6 +749,7 @@ def assemble(
         raise unreadable("DICOM", "colour (SamplesPerPixel > 1) images are not CT")
     slot = {index: k for k, index in enumerate(geometry.order)}
     stack = np.empty((n, rows, columns), dtype=np.float32)
+    values = ElementValues()  # the slices' pixel descriptions repeat: converted once
     by_member: dict[int, list[int]] = defaultdict(list)
     for index, header in enumerate(headers):
         by_member[header.member].append(index)
@@ -638,7 +761,7 @@ def assemble(
                 raise unreadable("DICOM", "an instance mixes framed and unframed image planes")
             frame_numbers = [frame for frame, _ in numbered] if numbered else None
             targets = [i for _, i in numbered] if numbered else indices
-            with _member_pixels(source, member, frame_numbers, scratch, parsed) as planes:
+            with _member_pixels(source, member, frame_numbers, scratch, parsed, values) as planes:
                 for index, pixels in zip(targets, planes, strict=True):
                     if pixels.shape != (rows, columns):
                         raise unreadable("DICOM", f"decoded pixel data has shape {pixels.shape}")
