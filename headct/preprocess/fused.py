@@ -17,7 +17,10 @@ less work, measured against the MONAI chain on one core by `benchmarks/preproces
   (`resample_planes`; readers give slices outermost in memory), then the slice axis (a strided view
   for 1 mm slices, else `apply_along_axis`);
 * **scipy's BLAS, not numpy's** (`_sgemm`): numpy's bundled OpenBLAS falls back to generic SSE3
-  kernels on CPUs it does not know (Sapphire Rapids), ~6x slower than scipy's build on one core;
+  kernels on CPUs it does not know (Sapphire Rapids), ~6x slower than scipy's build on one core.
+  The ~3000 small products of the per-plane and per-slab loops call it through its pointer
+  interface on strided views (`_fortran_sgemm`: no operand copies, no per-call argument checks),
+  with the same sizes, or whole BLAS tiles of them, so the same bits;
 * **one read of the source before resampling** (`source_plane_stats`): per-plane max/min and the
   element-wise max over planes give both the NaN/inf check and the head's box;
 * **crop before resampling**: only 1 mm samples that can be > 0 HU are computed: the box of source
@@ -26,10 +29,11 @@ less work, measured against the MONAI chain on one core by `benchmarks/preproces
   grid (`candidate_region`). The exact > 0 HU box is then found inside that region; if it touches
   a side of the region that is not the grid's edge, the full grid is computed instead, so the crop
   always equals the one of the full resample;
-* **windows + area resize** run on the crop only (`window_area_resize`): each voxel is clipped once
-  per window while in cache and summed into its area slab; the other two axes are row sums and one
-  BLAS product; the windows' affine part and the means' divisions (linear, so they commute with
-  averaging) are applied to the 96^3 result.
+* **windows + area resize** run on the crop only (`window_area_resize`), one output slab at a time
+  while in cache: each voxel is clipped once per window and summed into its area slab, then the
+  slab's middle axis (row sums) and innermost axis (a banded BLAS product) are reduced, and the
+  windows' affine part and the means' divisions (linear, so they commute with averaging) applied
+  to the slab's 96x96 result; no array larger than the output is written.
 * **float32 throughout** (MONAI resamples in float64; the difference is ~1e-3 HU), no copy of the
   source volume.
 
@@ -47,7 +51,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from headct.preprocess.errors import InvalidVolumeError, NoForegroundError
-from headct.preprocess.linear import _area_axis, _area_last_axis, _area_windows
+from headct.preprocess.linear import (
+    BLAS_TILE_ROWS,
+    RowBandProduct,
+    WindowSums,
+    _area_last_axis,
+    _area_windows,
+    area_matrix,
+)
 from headct.preprocess.resample import _check_size, _is_unchanged_grid, resample_region
 from headct.preprocess.spec import (
     CROP_MARGIN_SOURCE_VOXELS,
@@ -147,6 +158,16 @@ def candidate_region(
 # ---- windows + area resize, fused --------------------------------------------------------------
 
 
+def _window_means(sums: np.ndarray, lengths: np.ndarray, lows: np.ndarray, widths: np.ndarray) -> None:
+    """In place, per channel (axis 0): area sums -> means (divided by `lengths`), then the window's
+    affine map ``(mean - lo) / W`` and a clip to [0, 1] (rounding can leave a mean a hair outside;
+    the windowed voxels never are). `lows` and `widths` broadcast over the other axes."""
+    np.divide(sums, lengths, out=sums)
+    np.subtract(sums, lows, out=sums)
+    np.divide(sums, widths, out=sums)
+    _clip01(sums)
+
+
 def window_area_resize(
     hu: np.ndarray,
     size: tuple[int, int, int] = OUTPUT_SPATIAL,
@@ -158,10 +179,14 @@ def window_area_resize(
     A window is ``(clip(hu, lo, hi) - lo) / W``: a clip, then an affine map. The clip is non-linear and
     must precede the area averaging; the affine map is linear and commutes with it, so it is applied
     to the 96^3 result instead of to every voxel, as are the divisions that turn area sums into
-    means. The clip runs slab by slab along the outermost axis in memory (the next one if the
-    outermost is upsampled), each input plane clipped once and summed into the 1-2 output slabs that
-    cover it while it is in cache; then the middle axis as sums of whole rows, the innermost as one
-    BLAS product with `area_matrix`. Equal to the two steps up to float32 rounding (< 1e-6, tested).
+    means. Everything runs output slab by output slab along the outermost axis in memory (the next
+    one if the outermost is upsampled), in cache: each input plane clipped once for all windows
+    and summed into the 1-2 output slabs that cover it, then the slab's middle axis as sums of
+    whole rows (`WindowSums`), its innermost as a banded BLAS product with `area_matrix`
+    (`RowBandProduct`; after the loop, over all slabs at once, if the output size along it is not
+    whole BLAS tiles), the means and the affine maps. Each output value takes the same float32
+    operations in the same order whatever the slab loop (sums in index order: outer, middle, inner
+    axis). Equal to the two steps up to float32 rounding (< 1e-6, tested).
 
     Returns:
         ``(len(windows), *size)`` in `dtype` (computed in float32), C-contiguous.
@@ -177,44 +202,60 @@ def window_area_resize(
         axes = [axes[1], axes[0], axes[2]]
     src = np.asarray(hu, dtype=np.float32).transpose(axes)
     sizes = [int(size[a]) for a in axes]
+    n_windows, (n1, n2) = len(windows), src.shape[1:]
     starts, ends = _area_windows(src.shape[0], sizes[0])
+    middle_starts, middle_ends = _area_windows(n1, sizes[1])
     bounds = [(np.float32(level - width / 2.0), np.float32(level + width / 2.0)) for level, width in windows]
-    # 1. outer axis: clipped planes summed into their output slabs, (C, m0, n1, n2)
-    partial = np.empty((len(windows), sizes[0], *src.shape[1:]), dtype=np.float32)
-    # Clipped planes live in a small ring buffer: a plane shared by two windows is clipped once.
-    ring_size = int((ends - starts).max()) + 1
-    ring = np.empty((ring_size, *src.shape[1:]), dtype=np.float32)
-    for c, (lo, hi) in enumerate(bounds):
-        held = [-1] * ring_size  # input plane index held by each ring slot
-        for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-            for j in range(s, e):
-                if held[j % ring_size] != j:
-                    np.maximum(src[j], lo, out=ring[j % ring_size])
-                    np.minimum(ring[j % ring_size], hi, out=ring[j % ring_size])
-                    held[j % ring_size] = j
-            if e - s == 1:
-                np.copyto(partial[c, i], ring[s % ring_size])
-                continue
-            np.add(ring[s % ring_size], ring[(s + 1) % ring_size], out=partial[c, i])
-            for j in range(s + 2, e):
-                np.add(partial[c, i], ring[j % ring_size], out=partial[c, i])
-    # 2. middle axis: sums of whole rows; 3. innermost axis: a banded product with `area_matrix`
-    middle_starts, middle_ends = _area_windows(partial.shape[2], sizes[1])
-    partial = _area_axis(partial, 2, sizes[1], mean=False)
-    if partial.shape[3] != sizes[2]:
-        partial = _area_last_axis(partial, sizes[2])
-    # slab sums -> means along the outer and middle axes, then each channel's affine map (HU -> [0, 1])
+    # each channel's clip bounds and window width, broadcast over a plane
+    lows = np.array([lo for lo, _ in bounds], dtype=np.float32)[:, None, None]
+    highs = np.array([hi for _, hi in bounds], dtype=np.float32)[:, None, None]
+    widths = np.array([hi - lo for lo, hi in bounds], dtype=np.float32)[:, None, None]
+    # area sum -> mean divisors: outer x middle window lengths, (m0, m1, 1)
     lengths = (ends - starts).astype(np.float32)[:, None, None] * (middle_ends - middle_starts).astype(
         np.float32
     )[None, :, None]
-    for c, (lo, hi) in enumerate(bounds):
-        np.divide(partial[c], lengths, out=partial[c])
-        np.subtract(partial[c], lo, out=partial[c])
-        np.divide(partial[c], np.float32(hi - lo), out=partial[c])
-    # rounding can leave a mean a hair outside [0, 1]; the windowed voxels never are
-    _clip01(partial)
+    # Clipped planes live in a small ring buffer: a plane shared by two output slabs is clipped once.
+    ring_size = int((ends - starts).max()) + 1
+    ring = np.empty((ring_size, n_windows, n1, n2), dtype=np.float32)
+    held = [-1] * ring_size  # input plane index held by each ring slot
+    slab = np.empty((n_windows, n1, n2), dtype=np.float32)  # one output slab's outer-axis sums
+    middle_sums = WindowSums(n1, sizes[1])
+    # The innermost axis slab by slab (in cache) if the banded product equals the one over all slabs
+    # at once bit for bit (whole BLAS tiles: the 96 outputs of the model input), else at the end.
+    inner = None
+    if n2 != sizes[2] and sizes[2] % BLAS_TILE_ROWS == 0:
+        inner = RowBandProduct(area_matrix(n2, sizes[2]).astype(np.float64))
+    per_slab = inner is not None or n2 == sizes[2]
+    middle = np.empty((n_windows, sizes[1], n2), dtype=np.float32)
+    # results slab-major, (m0, C, m1, m2) (or n2 if the innermost axis is left for the end)
+    sums = np.empty((sizes[0], n_windows, sizes[1], sizes[2] if per_slab else n2), dtype=np.float32)
+    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        for j in range(s, e):
+            if held[j % ring_size] != j:  # all channels' clips of plane j
+                np.maximum(src[j], lows, out=ring[j % ring_size])
+                np.minimum(ring[j % ring_size], highs, out=ring[j % ring_size])
+                held[j % ring_size] = j
+        # 1. outer axis: the slab's clipped planes summed, left to right
+        if e - s == 1:
+            np.copyto(slab, ring[s % ring_size])
+        else:
+            np.add(ring[s % ring_size], ring[(s + 1) % ring_size], out=slab)
+            for j in range(s + 2, e):
+                np.add(slab, ring[j % ring_size], out=slab)
+        # 2. middle axis: sums of whole rows; 3. innermost axis: a banded product with `area_matrix`
+        if inner is None:
+            middle_sums(slab, sums[i])
+        else:
+            middle_sums(slab, middle)
+            inner(middle.reshape(-1, n2), sums[i].reshape(-1, sizes[2]))
+        if per_slab:  # 4. while in cache: means and windows' affine maps
+            _window_means(sums[i], lengths[i], lows, widths)
+    partial = sums.transpose(1, 0, 2, 3)  # (C, m0, m1, m2 or n2)
+    if not per_slab:
+        partial = _area_last_axis(partial, sizes[2])
+        _window_means(partial, lengths, lows[:, None], widths[:, None])
     # memory order -> the caller's axis order, cast in the same copy (numpy's float16 cast is not
-    # vectorised: one pass for both saves ~5 ms)
+    # vectorised: one pass for both)
     return partial.transpose([0, *(1 + axes.index(a) for a in range(3))]).astype(dtype, order="C")
 
 

@@ -2,21 +2,29 @@
 
 * cubic-spline matrices: scipy's ``map_coordinates(order=3, mode="nearest")`` along one axis *is* a
   matrix (`spline_matrix`), built exactly by pushing the identity through scipy's own prefilter;
-* banded products: `apply_along_axis` (one axis of an array) and `resample_planes` (the two axes of
-  every plane, one plane at a time), each block of output rows one product over its band only
-  (`_bands`), through scipy's BLAS (`_sgemm`);
-* area averages: torch's adaptive-average windows (`area_matrix`, `_area_axis`, `_area_last_axis`).
+* banded products: `apply_along_axis` (one axis of an array), `resample_planes` (the two axes of
+  every plane, one plane at a time) and `RowBandProduct` (the innermost axis, set up once), each
+  block of output rows one product over its band only (`_bands`), through scipy's BLAS: its f2py
+  wrapper (`_sgemm`) or, for the many small products of the per-plane and per-slab loops, its
+  pointer interface on strided operands (`_fortran_sgemm`), which keeps the bits of the wrapper's
+  products (whole BLAS tiles: `BLAS_TILE_ROWS`);
+* area averages: torch's adaptive-average windows (`area_matrix`, `_area_axis`, `_area_last_axis`,
+  `WindowSums`).
 
 Plain numpy/scipy maths: nothing here knows about volumes, affines or MONAI.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+from collections.abc import Callable
+from typing import Any, Final
 
 import numpy as np
 import scipy.ndimage as ndi
 from scipy.linalg import blas as scipy_blas
+from scipy.linalg import cython_blas
 
 from headct.preprocess.spec import (
     BAND_BLOCK_ROWS,
@@ -71,6 +79,58 @@ def spline_matrix(n_in: int, coords: np.ndarray) -> np.ndarray:
     return matrix
 
 
+# ---- scipy's BLAS sgemm through its pointer interface -----------------------------------------
+
+
+@functools.cache
+def _fortran_sgemm() -> Callable[..., None]:
+    """scipy's own BLAS ``sgemm`` as a ctypes function: the Fortran interface (column-major, every
+    argument by reference: ``transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc``), from
+    the function pointer that `scipy.linalg.cython_blas` exports to Cython code.
+
+    The same BLAS as `_sgemm` (scipy's OpenBLAS build), without the f2py wrapper: that one wants
+    contiguous operands (copies anything else) and spends microseconds on argument checks per call;
+    here an operand is any matrix with unit steps along one axis and a leading dimension (``ld*``)
+    for the other, passed as the address of its first element (arguments made with `_ref`).
+    """
+    capsule = cython_blas.__pyx_capi__["sgemm"]
+    api = ctypes.pythonapi
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", api))
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", api)
+    )
+    address = get_pointer(capsule, get_name(capsule))
+    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))(address)
+
+
+def _ref(value: int | float | bytes) -> Any:
+    """A by-reference argument of `_fortran_sgemm`: ``int`` (sizes, leading dimensions), ``float``
+    (alpha, beta) or a one-letter ``bytes`` flag (b"N", b"T"); it keeps its C value alive."""
+    if isinstance(value, bytes):
+        return ctypes.byref(ctypes.c_char(value))
+    if isinstance(value, float):
+        return ctypes.byref(ctypes.c_float(value))
+    return ctypes.byref(ctypes.c_int(value))
+
+
+#: OpenBLAS's float32 kernels compute the result in tiles of 16 (column-major) rows, and the rows
+#: of a last, partial tile are summed by other code, whose rounding can depend on the problem's
+#: size (seen on SkylakeX: small-matrix vs packed paths). A product over part of a row range gives
+#: the full product's bits only if it keeps whole tiles at the same offsets.
+BLAS_TILE_ROWS: Final = 16
+
+
+def _tile_aligned_range(first: int, last: int, n: int) -> tuple[int, int]:
+    """The rows to compute of a BLAS product over rows ``[0, n)`` when only ``[first, last)`` are
+    needed: ``[first, last)`` widened to whole `BLAS_TILE_ROWS` tiles, or all of ``[0, n)`` if it
+    reaches the last, partial tile (so each row is summed as in the full product)."""
+    start = first - first % BLAS_TILE_ROWS
+    stop = -(-last // BLAS_TILE_ROWS) * BLAS_TILE_ROWS
+    if n % BLAS_TILE_ROWS and stop > n - n % BLAS_TILE_ROWS:
+        return 0, n
+    return start, stop
+
+
 # ---- banded float32 BLAS products --------------------------------------------------------------
 
 
@@ -112,6 +172,76 @@ def _sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     if result.ctypes.data != out.ctypes.data:  # f2py had to copy `out` (never for float32): write back
         out[...] = result.T
     return out
+
+
+def _leading_dimension(a: np.ndarray) -> int:
+    """BLAS leading dimension of a float32 2-D array with contiguous rows (a row-major matrix, the
+    transpose of a column-major one); ValueError for any other layout."""
+    rows, cols = a.shape
+    step = a.strides[0] // a.itemsize if rows > 1 else cols
+    if a.dtype != np.float32 or not a.flags.aligned or (cols > 1 and a.strides[1] != a.itemsize):
+        raise ValueError(f"need aligned float32 rows with unit steps, got {a.dtype} strides {a.strides}")
+    if rows > 1 and (a.strides[0] % a.itemsize or step < cols):
+        raise ValueError(f"need rows at a positive step of at least one row, got strides {a.strides}")
+    return max(step, cols, 1)
+
+
+class RowBandProduct:
+    """``out = x @ matrix.T`` for float32 ``x`` ``(rows, n_in)`` with contiguous rows: a 1-D linear map
+    along the innermost axis, set up once (float32 band matrix, blocks, BLAS arguments) and applied
+    to many arrays.
+
+    One BLAS call per block of `block_rows` output columns (`_bands`), on the input columns its band
+    reads, straight through `_fortran_sgemm`: the operands are strided views, nothing is copied.
+    Each output is the dot product of its band with the input row, summed in index order by the BLAS
+    kernel whatever the block's columns (zero terms add exactly nothing), so when the blocks are
+    whole BLAS tiles (`n_out` a multiple of `BLAS_TILE_ROWS`) and there are enough rows for
+    OpenBLAS's packed kernels, it equals the dense product ``x @ matrix.T`` of `_sgemm` bit for bit,
+    at a fraction of its multiplies. That is how `window_area_resize` uses it (288 rows a call;
+    tests/unit/test_preprocess_blas.py); a product of a few rows may take OpenBLAS's small-matrix
+    kernels instead, which round differently. An observed property of the BLAS build, not a
+    guarantee: on another one the last bits may differ from the dense product, within the fidelity
+    suite's tolerances like any other change of BLAS.
+    """
+
+    def __init__(self, matrix: np.ndarray, block_rows: int = BAND_BLOCK_ROWS) -> None:
+        if block_rows % BLAS_TILE_ROWS:
+            raise ValueError(f"block_rows must be a multiple of {BLAS_TILE_ROWS}, got {block_rows}")
+        self._matrix = _band_matrix32(matrix)  # C-contiguous; every call reads it by address
+        self.n_out, self.n_in = self._matrix.shape
+        blocks = _bands(matrix, block_rows)
+        covered = np.zeros(self.n_out, dtype=bool)
+        for r0, r1, _, _ in blocks:
+            covered[r0:r1] = True
+        self._uncovered = np.flatnonzero(~covered)
+        item, address = self._matrix.itemsize, self._matrix.ctypes.data
+        # column-major: out.T[r0:r1] (b x rows) = op(matrix block) (b x K) @ x[:, c0:c1].T (K x rows)
+        self._calls = [
+            (_ref(r1 - r0), _ref(c1 - c0), address + (r0 * self.n_in + c0) * item, c0 * item, r0 * item)
+            for r0, r1, c0, c1 in blocks
+        ]
+        self._constants = (_ref(b"T"), _ref(b"N"), _ref(1.0), _ref(0.0), _ref(self.n_in))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Write ``x @ matrix.T`` into `out` (``(rows, n_out)``; both float32 with contiguous rows);
+        returns `out`."""
+        rows = x.shape[0]
+        if x.shape != (rows, self.n_in) or out.shape != (rows, self.n_out):
+            raise ValueError(f"RowBandProduct {self._matrix.shape} does not map {x.shape} to {out.shape}")
+        ld_x, ld_out = _ref(_leading_dimension(x)), _ref(_leading_dimension(out))
+        if rows == 0:
+            return out
+        trans, no_trans, one, zero, ld_matrix = self._constants
+        n_rows, x_ptr, out_ptr = _ref(rows), x.ctypes.data, out.ctypes.data
+        sgemm = _fortran_sgemm()
+        for n_cols, k, matrix_ptr, x_offset, out_offset in self._calls:
+            sgemm(
+                trans, no_trans, n_cols, n_rows, k, one, matrix_ptr, ld_matrix,
+                x_ptr + x_offset, ld_x, zero, out_ptr + out_offset, ld_out,
+            )  # fmt: skip
+        if self._uncovered.size:
+            out[:, self._uncovered] = 0.0
+        return out
 
 
 def _band_matrix32(matrix: np.ndarray) -> np.ndarray:
@@ -169,14 +299,22 @@ def resample_planes(
 
     The in-plane part of the separable spline resample, one plane (a source slice) at a time so the
     intermediate stays in cache (L2) instead of streaming a volume-sized temporary through memory.
-    Both passes are block-banded BLAS products (`_bands`, `_sgemm`): the row pass on whole
-    contiguous rows of the plane, the column pass on a small copy of the columns its band touches
-    (BLAS wants contiguous operands). Writing the column pass as ``col_matrix @ rows.T`` puts the
-    output columns on the middle axis, a transpose that costs nothing.
+    Both passes are block-banded BLAS products (`_bands`), called through BLAS's pointer interface
+    (`_fortran_sgemm`) with every argument but the plane's address set up once: the operands are
+    strided views of the plane, the matrices and the row-pass result, so nothing is copied. The row
+    pass computes only the columns some column block reads (in whole BLAS tiles); writing the column
+    pass as ``col_matrix @ rows.T`` puts the output columns on the middle axis, a transpose that
+    costs nothing.
+
+    Each output is its band's dot product, summed in index order by the BLAS kernel whatever the
+    block's columns (zero terms add exactly nothing): the values are bit for bit those of one f2py
+    `_sgemm` call per block on whole rows and contiguous copies, as long as the columns left out
+    of the row pass are whole tiles (`_tile_aligned_range`).
 
     Args:
-        x: float32 ``(n_planes, n_rows, n_cols)`` with contiguous rows (e.g. the transposed view of
-            a Fortran-ordered volume: slices outermost).
+        x: float32 ``(n_planes, n_rows, n_cols)``, best with contiguous rows (e.g. the transposed
+            view of a Fortran-ordered volume: slices outermost); other layouts are copied a plane
+            at a time.
         row_matrix: ``(n_rows_out, n_rows)``; col_matrix: ``(n_cols_out, n_cols)``.
 
     Returns:
@@ -188,16 +326,64 @@ def resample_planes(
     row_blocks, col_blocks = _bands(row_matrix, block_rows), _bands(col_matrix, block_rows)
     rows32, cols32 = _band_matrix32(row_matrix), _band_matrix32(col_matrix)
     n_rows_out, n_cols_out = row_matrix.shape[0], col_matrix.shape[0]
-    # The row pass runs on whole rows, even the columns no column block reads (~10 % of a head
-    # scan): trimming them would make every operand non-contiguous, and copying costs more.
-    rows_out = np.zeros((n_rows_out, n_cols), dtype=np.float32)  # one plane after the row pass
     out = np.zeros((n_planes, n_cols_out, n_rows_out), dtype=np.float32)
+    if not row_blocks or not col_blocks or n_planes == 0:
+        return out
+    # The row pass computes the columns the column blocks read, [first, last), of every row block,
+    # in whole BLAS tiles of the full row: see `_tile_aligned_range`.
+    first, last = _tile_aligned_range(min(b[2] for b in col_blocks), max(b[3] for b in col_blocks), n_cols)
+    width = last - first
+    rows_out = np.zeros((n_rows_out, width), dtype=np.float32)  # one plane after the row pass
+    x = np.asarray(x, dtype=np.float32)
+    item = x.itemsize
+    # BLAS reads a plane as a column-major (n_cols x n_rows) matrix: unit steps along a row, a
+    # positive row step of at least a row; planes may lie anywhere (any plane stride). Other
+    # layouts go through a contiguous copy of each plane.
+    try:
+        plane_step = _leading_dimension(x[0])
+        plane_buffer = None
+    except ValueError:
+        plane_buffer = np.empty((n_rows, n_cols), dtype=np.float32)
+        plane_step = n_cols
+    sgemm = _fortran_sgemm()
+    no_trans, trans, one, zero = _ref(b"N"), _ref(b"T"), _ref(1.0), _ref(0.0)
+    rows_ptr, cols_ptr, rows_out_ptr = (a.ctypes.data for a in (rows32, cols32, rows_out))
+    # row pass, block (r0, r1, c0, c1): rows_out[r0:r1] = rows32[r0:r1, c0:c1] @ plane[c0:c1, first:last]
+    # (column-major: (width x b) = plane block (width x K) @ matrix block.T (K x b))
+    row_calls = [
+        (
+            _ref(width), _ref(r1 - r0), _ref(c1 - c0),
+            (c0 * plane_step + first) * item, _ref(plane_step),
+            rows_ptr + (r0 * n_rows + c0) * item, _ref(n_rows),
+            rows_out_ptr + r0 * width * item, _ref(width),
+        )
+        for r0, r1, c0, c1 in row_blocks
+    ]  # fmt: skip
+    # column pass: out[k, r0:r1] = cols32[r0:r1, c0:c1] @ rows_out[:, c0:c1].T
+    # (column-major: (n_rows_out x b) = rows_out block (transposed) @ matrix block.T)
+    col_calls = [
+        (
+            _ref(n_rows_out), _ref(r1 - r0), _ref(c1 - c0),
+            rows_out_ptr + (c0 - first) * item, _ref(width),
+            cols_ptr + (r0 * n_cols + c0) * item, _ref(n_cols),
+            r0 * n_rows_out * item, _ref(n_rows_out),
+        )
+        for r0, r1, c0, c1 in col_blocks
+    ]  # fmt: skip
+    x_ptr, out_ptr = x.ctypes.data, out.ctypes.data
+    buffer_ptr = 0 if plane_buffer is None else plane_buffer.ctypes.data
+    plane_bytes = n_cols_out * n_rows_out * item
     for k in range(n_planes):
-        plane = x[k]
-        for r0, r1, c0, c1 in row_blocks:
-            _sgemm(rows32[r0:r1, c0:c1], plane[c0:c1], rows_out[r0:r1])
-        for r0, r1, c0, c1 in col_blocks:
-            _sgemm(cols32[r0:r1, c0:c1], np.ascontiguousarray(rows_out[:, c0:c1]).T, out[k, r0:r1])
+        if plane_buffer is None:
+            plane_ptr = x_ptr + k * x.strides[0]
+        else:
+            np.copyto(plane_buffer, x[k])
+            plane_ptr = buffer_ptr
+        for m, n, kk, a_offset, lda, b_ptr, ldb, c_ptr, ldc in row_calls:
+            sgemm(no_trans, no_trans, m, n, kk, one, plane_ptr + a_offset, lda, b_ptr, ldb, zero, c_ptr, ldc)
+        out_plane = out_ptr + k * plane_bytes
+        for m, n, kk, a_ptr, lda, b_ptr, ldb, c_offset, ldc in col_calls:
+            sgemm(trans, no_trans, m, n, kk, one, a_ptr, lda, b_ptr, ldb, zero, out_plane + c_offset, ldc)
     return out
 
 
@@ -239,6 +425,39 @@ def _area_axis(x: np.ndarray, axis: int, m: int, *, mean: bool = True) -> np.nda
         if mean:
             np.divide(dst[i], np.float32(e - s), out=dst[i])
     return out
+
+
+class WindowSums:
+    """``out[:, i] = x[:, s] + x[:, s + 1] + ...`` over the area windows ``[s, e)`` of `_area_windows(n,
+    m)` along axis 1, added left to right (the values of `_area_axis` with ``mean=False``), in a few
+    whole-array operations: strided views when the windows are equal and disjoint, else gathers by
+    window offset. Set up once, applied to many arrays."""
+
+    def __init__(self, n: int, m: int) -> None:
+        self.starts, ends = _area_windows(n, m)
+        lengths = ends - self.starts
+        self.step = n // m if n == m * (n // m) and np.all(lengths == n // m) else 0
+        # window offset t -> the windows longer than t (None: all of them)
+        self.longer = [
+            None if np.all(lengths > t) else np.flatnonzero(lengths > t) for t in range(1, int(lengths.max()))
+        ]
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        step = self.step
+        if step == 1:
+            np.copyto(out, x)
+        elif step:
+            np.add(x[:, 0::step], x[:, 1::step], out=out)
+            for t in range(2, step):
+                np.add(out, x[:, t::step], out=out)
+        else:
+            np.take(x, self.starts, axis=1, out=out)
+            for t, longer in enumerate(self.longer, start=1):
+                if longer is None:
+                    np.add(out, np.take(x, self.starts + t, axis=1), out=out)
+                else:
+                    out[:, longer] += np.take(x, self.starts[longer] + t, axis=1)
+        return out
 
 
 def _area_last_axis(x: np.ndarray, m: int) -> np.ndarray:
