@@ -16,14 +16,15 @@ from api.ingest import decode_upload
 from api.ingest.validation import validate
 from benchmarks.load import Sender
 from headct import contract
-from headct.preprocess import preprocess
+from headct.preprocess import preprocess, source_plane_stats
 
 
 def prepare_file(path: str, content_type: str) -> np.ndarray:
     """decode -> validate -> preprocess, exactly the gateway's CPU stages (top-level: picklable for pools)."""
     scan = decode_upload(Path(path), content_type)
-    validate(scan)
-    return preprocess(scan.volume)
+    stats = source_plane_stats(scan.volume.hu)  # one read for both, as the worker does
+    validate(scan, stats)
+    return preprocess(scan.volume, stats)
 
 
 def timed_prepare(path: str, content_type: str) -> tuple[np.ndarray, float]:

@@ -47,7 +47,7 @@ from api.problems import ProblemCode, ProblemError
 from api.results.dicom_sr import Algorithm
 from api.schemas import PredictResponse
 from api.settings import Settings, ingest_limits
-from headct.preprocess import PreprocessingError, preprocess
+from headct.preprocess import PreprocessingError, preprocess, source_plane_stats
 from headct.volume import Volume
 
 if TYPE_CHECKING:
@@ -170,10 +170,12 @@ def _prepare(
         Path(upload), content_type, series_uid=series_uid, limits=limits or DEFAULT_LIMITS, evidence=evidence
     )
     lap("decode")
-    warnings = validate(scan)
+    # One read of the volume gives validation its value range and preprocessing the head's box.
+    stats = source_plane_stats(scan.volume.hu) if scan.volume.hu.size else None
+    warnings = validate(scan, stats)
     lap("validate")
     try:
-        image = preprocess(scan.volume)
+        image = preprocess(scan.volume, stats)
     except PreprocessingError as error:
         raise ProblemError(ProblemCode.from_code(error.code), str(error)) from None
     lap("preprocess")

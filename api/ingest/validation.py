@@ -46,6 +46,7 @@ import scipy.ndimage as ndi
 
 from api.ingest.scan import DecodedScan, DicomInfo, ScanWarning
 from api.problems import ProblemCode, ProblemError
+from headct.preprocess import SourcePlaneStats
 from headct.volume import Volume
 
 #: SOP classes that hold CT images: CT, Enhanced CT, Legacy Converted Enhanced CT.
@@ -171,10 +172,13 @@ def check_dicom_header(info: DicomInfo) -> list[ScanWarning]:
 # ---- volume rules --------------------------------------------------------------------------------
 
 
-def value_range(volume: Volume) -> tuple[float, float]:
-    """The smallest and largest voxel value, in one pass each. numpy's min and max propagate NaN and
-    infinities, so both are finite exactly when every voxel is: the finiteness rule needs no pass of
-    its own."""
+def value_range(volume: Volume, stats: SourcePlaneStats | None = None) -> tuple[float, float]:
+    """The smallest and largest voxel value: from the planes' extremes when the caller read them
+    already (`source_plane_stats`, which preprocessing needs too), else in one pass each. numpy's min
+    and max propagate NaN and infinities, so both are finite exactly when every voxel is: the
+    finiteness rule needs no pass of its own."""
+    if stats is not None:
+        return float(stats.plane_min.min()), float(stats.plane_max.max())
     return float(volume.hu.min()), float(volume.hu.max())
 
 
@@ -297,11 +301,12 @@ def require_coverage(volume: Volume) -> None:
         )
 
 
-def validate(scan: DecodedScan | Volume) -> list[ScanWarning]:
-    """Run every volume rule; return the warnings: the decoder's (for a `DecodedScan`) and the rules'."""
+def validate(scan: DecodedScan | Volume, stats: SourcePlaneStats | None = None) -> list[ScanWarning]:
+    """Run every volume rule; return the warnings: the decoder's (for a `DecodedScan`) and the rules'.
+    `stats`: ``source_plane_stats`` of the volume, when the caller read them (for preprocessing)."""
     volume = scan.volume if isinstance(scan, DecodedScan) else scan
     warnings: list[ScanWarning] = list(scan.warnings) if isinstance(scan, DecodedScan) else []
-    known_range = value_range(volume)
+    known_range = value_range(volume, stats)
     require_finite(volume, known_range)
     require_valid_spacing(volume)
     require_hounsfield_units(volume, known_range)

@@ -315,11 +315,13 @@ def _crop_on_region(
     return crop, full_start, full_end, exact
 
 
-def preprocess_with_info(volume: Volume) -> tuple[np.ndarray, PreprocessInfo]:
+def preprocess_with_info(
+    volume: Volume, stats: SourcePlaneStats | None = None
+) -> tuple[np.ndarray, PreprocessInfo]:
     """`preprocess`, also returning a `PreprocessInfo` (shapes, crop box, per-step timings)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    stats = source_plane_stats(volume.hu)
+    stats = stats or source_plane_stats(volume.hu)
     _check_finite(stats)
 
     # Orientationd: only the RAS affine is needed; the voxels are read through the sampling map.
@@ -385,14 +387,16 @@ def _affine_tuple(affine: np.ndarray) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in row) for row in np.asarray(affine, dtype=np.float64))
 
 
-def preprocess(volume: Volume) -> np.ndarray:
+def preprocess(volume: Volume, stats: SourcePlaneStats | None = None) -> np.ndarray:
     """HU volume -> FM-HCT input: float16 ``(3, 96, 96, 96)`` in [0, 1], RAS array order.
 
     Training order (reference spec §2.1): RAS -> 1 mm cubic spline -> crop (> 0 HU) -> 3 windows ->
     area resize -> float16. The network side casts back to float32, as the training loader did.
+    `stats` are ``source_plane_stats(volume.hu)`` when the caller has them already (validation reads
+    them too: one read of the volume for both); computed here otherwise.
 
     Raises:
         PreprocessingError: (``code``) ``no_foreground``, ``invalid_volume``, ``volume_too_large``.
     """
-    out, _ = preprocess_with_info(volume)
+    out, _ = preprocess_with_info(volume, stats)
     return out
