@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 #: The keys of `make bench-quick`'s last line (shared/api-contract.md), in contract order.
 CONTRACT_KEYS = (
     "gateway_overhead_ratio",
+    "gateway_overhead_ci90_high",
     "gateway_throughput_ratio",
     "batching_throughput_ratio",
     "preprocess_speedup",
@@ -52,16 +53,24 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "gateway_overhead_ratio",
         "<=",
-        1.15,
+        1.08,
         "p50 of POST /v1/predict (NIfTI.gz, one request at a time) ÷ (p50 in-process "
         "decode+validate+preprocess "
         "of the same file + p50 direct Triton gRPC inference of the same tensor): what HTTP, spooling, "
-        "scheduling and JSON add to one scan's latency.",
+        "scheduling and JSON add to one scan's latency (issue 14: <= 1.08 in `make bench`).",
+    ),
+    Target(
+        "gateway_overhead_ci90_high",
+        "<=",
+        1.15,
+        "Upper bound of the 90 % bootstrap interval of `gateway_overhead_ratio` (rounds resampled as "
+        "pairs): how high this machine's noise could have put it (issue 14: <= 1.15 in "
+        "`make bench-quick`).",
     ),
     Target(
         "gateway_throughput_ratio",
         ">=",
-        0.9,
+        0.95,
         "Gateway scans/s (batching on) at concurrency 8 ÷ scans/s of the best direct path at concurrency 8 "
         "(decode+preprocess in a process pool of one worker per core, async gRPC straight to Triton).",
     ),
@@ -89,10 +98,11 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "gateway_peak_rss_mb",
         "<=",
-        2500.0,
+        1098.0,
         "Peak RSS summed over the gateway and all its child processes while it serves 8 concurrent DICOM "
-        "zips (sampled from /proc every 50 ms; shared copy-on-write pages count once per process, so this "
-        "over-states real use; PSS is reported beside it).",
+        "zips (sampled from /proc every 50 ms; shared pages count once per process, so this over-states "
+        "real use; PSS is reported beside it). Target: no worse than before issue 14 (1098 MB in "
+        "`make bench` on 512x512x200; `make bench-quick` sends half the slices).",
     ),
     Target(
         "stat_latency_ratio",
@@ -508,6 +518,7 @@ def _figures(res: BenchResults) -> dict[str, Any]:
     ov, tp, mem, pre = res.overhead, res.throughput, res.memory, res.preprocess
     return {
         "gateway_overhead_ratio": ov.ratio_batching_on if ov else None,
+        "gateway_overhead_ci90_high": ov.ratio_ci90["on"][1] if ov and "on" in ov.ratio_ci90 else None,
         "gateway_throughput_ratio": tp.gateway_throughput_ratio if tp else None,
         "batching_throughput_ratio": tp.batching_throughput_ratio if tp else None,
         "preprocess_speedup": pre.preprocess_speedup,
