@@ -128,6 +128,22 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
+#: Levers whose before/after needs a process or an old code path of its own: how they were measured.
+LEVERS_MEASURED_APART: tuple[str, ...] = (
+    "Workers' heap reuse (glibc `mallopt`, api/inference/workers.py): decoding + preprocessing the "
+    "512x512x200 DICOM zip again took ~60,000 page faults and 170-240 ms of system CPU per scan "
+    "before, 100-700 faults and 30-90 ms after (a process per setting, the zip 5 times each; this "
+    "machine under load, 2026-12-05).",
+    "Kept datasets without their members' bytes (api/ingest/dicom.py `_parse_member`): decoding the "
+    "512x512x200 DICOM zip peaks at 424 MB traced (tracemalloc) before, 319 MB after; a worker's VmHWM "
+    "529 MB before, 432 MB after.",
+    "Preprocessing through BLAS's pointer interface and window + area resize slab by slab "
+    "(headct/preprocess): CPU new/old 0.78 (1 mm NIfTI), 0.78 (1 mm DICOM), 0.78 (5 mm), paired "
+    "medians of 15 runs with the old and the new module in one process; the model input bit for bit "
+    "the same (tests/unit/test_preprocess_blas.py).",
+)
+
+
 # ---- the results, typed ------------------------------------------------------------------------
 # Each class holds the keys of one JSON object of the results, under the same names, with the values as
 # they are there (None where a key is missing): rendering keeps ints and floats apart (`_fmt`).
@@ -953,10 +969,13 @@ def _scan_cpu_section(cpu: ScanCpu) -> list[str]:
         *_table(["input", "file MB", "CPU s", "target", "status", "stages (ms)", "decoded MB/s"], kinds),
         "",
         "Levers, old way vs new way on the same bytes (CPU seconds per scan; `result_transfer_wall`: wall "
-        "seconds in the gateway, one worker; the workers' heap reuse is not here: it needs a process of its "
-        "own, see REPORT's notes):",
+        "seconds in the gateway, one worker; `triton_input_wall`: wall seconds of one Triton call, the "
+        "model input in the gRPC message vs read in place from shared memory). Levers measured apart "
+        "(they need a process or an old code path of their own) are listed below the table.",
         "",
         *_table(["lever", "before", "after", "speed-up"], levers),
+        "",
+        *[f"- {line}" for line in LEVERS_MEASURED_APART],
         "",
         f"Physical limits on this core for the {_fmt(limits.get('pixels_mb'))} MB of int16 pixels: memcpy "
         f"{_fmt(limits.get('memcpy_mb_s'))} MB/s, zlib inflate {_fmt(limits.get('zlib_inflate_mb_s'))} MB/s, "

@@ -18,6 +18,11 @@ Levers (same bytes, side by side, median CPU seconds per scan):
 - ``gzip``: `gzip.open` (before) vs ISA-L's `igzip.open`, reading the whole .nii.gz;
 - ``dicom_pixels``: pydicom's ``pixel_array`` (before) vs the plane read straight from the pixel bytes
   (`api.ingest.dicom._native_plane`), uncompressed 16-bit slices;
+- ``dicom_headers``: the header pass with ``specific_tags`` as keywords and every value converted per
+  member (before) vs tags built once and the values a series repeats converted once per upload
+  (`api.ingest.dicom.ElementValues`);
+- ``volume_reads``: validation's value range and preprocessing's per-plane extremes read separately
+  (before) vs one `source_plane_stats` read for both;
 - ``validate``: the finiteness and Hounsfield rules, a pass each and a full air count (before) vs one
   min/max pair and an air count that stops at the threshold (`api.ingest.validation`);
 - ``result_transfer_wall``: wall seconds for the model input to come back from a worker, pickled
@@ -157,6 +162,50 @@ def _dicom_parse(path: Path, repeats: int) -> dict[str, float]:
     return {"before_s": _cpu(twice, repeats), "after_s": _cpu(once, repeats)}
 
 
+def _dicom_headers(path: Path, repeats: int) -> dict[str, float]:
+    """The header pass's parse and header extraction from already-inflated members: ``specific_tags``
+    as keywords and every header value converted per member (before) vs tags built once and the values
+    a series repeats converted once per upload (`api.ingest.dicom.ElementValues`, after)."""
+    import pydicom
+
+    from api.ingest import dicom
+
+    with zipfile.ZipFile(path) as archive:
+        members = [archive.read(info) for info in archive.infolist()]
+
+    def before() -> None:
+        for member, data in enumerate(members):
+            ds = pydicom.dcmread(io.BytesIO(data), specific_tags=dicom._HEADER_AND_PIXEL_TAGS)
+            dicom._image_headers(ds, member, dicom.ElementValues())
+
+    def after() -> None:
+        values = dicom.ElementValues()
+        for member, data in enumerate(members):
+            ds = pydicom.dcmread(io.BytesIO(data), specific_tags=dicom._HEADER_AND_PIXEL_TAG_VALUES)
+            dicom._image_headers(ds, member, values)
+
+    return {"before_s": _cpu(before, repeats), "after_s": _cpu(after, repeats)}
+
+
+def _volume_reads(path: Path, repeats: int) -> dict[str, float]:
+    """Validation's value range and preprocessing's per-plane extremes: a read of the volume each
+    (before) vs the one read `source_plane_stats` shared by both (after)."""
+    from api.ingest import validation
+    from api.ingest.decode import decode_upload
+    from headct.preprocess import source_plane_stats
+
+    volume = decode_upload(path, "application/octet-stream").volume
+
+    def before() -> None:
+        validation.value_range(volume)
+        source_plane_stats(volume.hu)
+
+    def after() -> None:
+        validation.value_range(volume, source_plane_stats(volume.hu))
+
+    return {"before_s": _cpu(before, repeats), "after_s": _cpu(after, repeats)}
+
+
 def _gzip(path: Path, repeats: int) -> dict[str, float]:
     from isal import igzip
 
@@ -280,10 +329,12 @@ def levers(files: dict[str, Path], repeats: int) -> dict[str, dict[str, float]]:
     out = {
         "zip_inflate": _zip_inflate(files["dicom_zip_deflated"], repeats),
         "dicom_parse": _dicom_parse(files["dicom_zip_deflated"], repeats),
+        "dicom_headers": _dicom_headers(files["dicom_zip_deflated"], repeats),
         "dicom_pixels": _dicom_pixels(files["dicom_zip_deflated"], repeats),
         "gzip": _gzip(files["nifti_gz"], repeats),
         "nifti_voxels": _nifti_voxels(files["nifti_raw"], repeats),
         "validate": _validate(files["nifti_raw"], repeats),
+        "volume_reads": _volume_reads(files["nifti_raw"], repeats),
         "result_transfer_wall": _result_transfer(repeats),
     }
     for lever in out.values():

@@ -10,6 +10,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import httpx
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 
+from api.inference.triton import TritonModel
 from api.inference.workers import prepare_pipeline_process
 from benchmarks import direct, inputs, lanes, load, memory, perf_analyzer, runtimes, scan_cpu
 from benchmarks.config import BenchConfig
@@ -362,6 +364,8 @@ async def _measure_all(
     log("gateway overhead at concurrency 1")
     out["overhead"] = await measure_overhead(cfg, stack, scan)
     log(f"  ratio {out['overhead']['ratio_batching_on']}")
+    log("model input to Triton: gRPC message vs shared memory")
+    out["input_transport"] = await measure_input_transport(stack, scan, cfg.c1_requests)
     log(f"throughput at concurrency {cfg.throughput_concurrency}")
     workers = max(1, os.cpu_count() or 1)
     with ProcessPoolExecutor(
@@ -377,6 +381,43 @@ async def _measure_all(
     out["memory"] = await measure_rss(cfg, stack, rss_scan)
     log(f"  peak RSS {out['memory']['peak_rss_mb']} MB (PSS {out['memory']['peak_pss_mb']} MB)")
     return out
+
+
+async def measure_input_transport(stack: Stack, files: inputs.ScanFiles, rounds: int) -> dict[str, float]:
+    """The `triton_input_wall` lever: wall seconds of one Triton call for one scan's model input sent
+    in the gRPC message (before) vs read by Triton where it lies in shared memory (after, as a
+    preprocessing worker's result slot; api/inference/triton_shm.py), interleaved call by call."""
+    content_type = inputs.CONTENT_TYPES["nifti_gz"]
+    image = np.ascontiguousarray(
+        direct.prepare_file(str(files.nifti_gz), content_type)[np.newaxis], np.float16
+    )
+    url = stack.triton_grpc_url
+    message = TritonModel(url, contract.DEFAULT_MODEL_NAME, "", 60.0, 1, shared_memory="off")
+    in_place = TritonModel(url, contract.DEFAULT_MODEL_NAME, "", 60.0, 1, shared_memory_regions=0)
+    slot = SharedMemory(create=True, size=image.nbytes)
+    in_slot: np.ndarray = np.ndarray(image.shape, dtype=image.dtype, buffer=slot.buf)
+    in_slot[...] = image
+    in_place.share_input_memory("benchmark", {slot.name: slot})
+    seconds: dict[str, list[float]] = {"before": [], "after": []}
+    try:
+        for model in (message, in_place):
+            await model.card()
+            await model.infer_batch(in_slot)  # uncounted: connection, registration
+        if not in_place.input_in_shared_memory:
+            raise RuntimeError("Triton did not map the benchmark's shared memory")
+        for _ in range(rounds):
+            for key, model in (("before", message), ("after", in_place)):
+                started = time.perf_counter()
+                await model.infer_batch(in_slot)
+                seconds[key].append(time.perf_counter() - started)
+    finally:
+        await message.close()
+        await in_place.close()
+        del in_slot
+        slot.close()
+        slot.unlink()
+    before, after = statistics.median(seconds["before"]), statistics.median(seconds["after"])
+    return {"before_s": round(before, 5), "after_s": round(after, 5), "speedup": round(before / after, 2)}
 
 
 def _preprocess_bench(quick: bool) -> dict[str, Any]:
@@ -458,6 +499,7 @@ def run(
         triton.stop()
     log("CPU per scan by input kind, decoding levers, physical limits (benchmarks.scan_cpu)")
     results["scan_cpu"] = scan_cpu.run(quick=cfg.mode == "quick")
+    results["scan_cpu"]["levers"]["triton_input_wall"] = results.pop("input_transport")
     log("preprocessing: production vs MONAI reference (benchmarks.preprocess_bench)")
     results["preprocess"] = _preprocess_bench(quick=cfg.mode == "quick")
     log("ONNX Runtime vs PyTorch eager")

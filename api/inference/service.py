@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -297,12 +297,18 @@ class PredictionService:
         with self.admission.enter(lane):
             if request.declared_length is not None:
                 check_declared_length(request.declared_length, limit=self.settings.max_upload_bytes)
-            upload = await spool_chunks(
-                request.chunks,
-                limit=self.settings.max_upload_bytes,
-                directory=self.settings.spool_dir,
-                prefix=request.spool_prefix,
-            )
+            # Triton's readiness is asked while the upload arrives, not after it (a round trip saved).
+            readiness = asyncio.ensure_future(self.model.is_ready())
+            try:
+                upload = await spool_chunks(
+                    request.chunks,
+                    limit=self.settings.max_upload_bytes,
+                    directory=self.settings.spool_dir,
+                    prefix=request.spool_prefix,
+                )
+            except BaseException:
+                readiness.cancel()
+                raise
             try:
                 prediction = await self.predict(
                     upload,
@@ -313,9 +319,11 @@ class PredictionService:
                     include_attention=wants_maps,
                     lane=lane,
                     evidence=request.evidence,
+                    readiness=readiness,
                 )
                 explanations = await self._explain(request, upload, prediction, selected)
             finally:
+                readiness.cancel()  # (done by now unless `predict` failed before awaiting it)
                 upload.unlink(missing_ok=True)
         response = build_predict_response(
             prediction,
@@ -423,11 +431,13 @@ class PredictionService:
         include_attention: bool = False,
         lane: Lane = DEFAULT_LANE,
         evidence: bool = False,
+        readiness: Awaitable[bool] | None = None,
     ) -> Prediction:
-        """One scan's prediction for `tasks` (all the card's tasks when empty), in `lane`."""
+        """One scan's prediction for `tasks` (all the card's tasks when empty), in `lane`; `readiness`:
+        the model's `is_ready()` when the caller asked already."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
-        if not await self.model.is_ready():
+        if not await (readiness if readiness is not None else self.model.is_ready()):
             raise self.model.unavailable("the model is not ready yet")
         card = await self.model.card()
         if missing := [task for task in tasks if task not in card.task_names]:
