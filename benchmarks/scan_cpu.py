@@ -5,7 +5,7 @@ beside the physical limits and each decoding lever measured old way vs new way o
 
 Input: a synthetic 1 mm head, 512x512x200 (quick mode: the same head, fewer repeats), as a DICOM zip
 with deflated members, the same zip with stored members, NIfTI.gz, raw NIfTI
-and gzip NRRD. Each kind runs the worker's function (`api.inference.service._prepare`) in this process
+and gzip NRRD. Each kind runs the worker's function (`api.inference.pipeline.prepare_scan`) in this process
 with BLAS single-threaded, as a preprocessing worker does; the figure is the median of the repeats'
 CPU seconds (``process_time``: the one-core cost, steady on a shared machine).
 
@@ -103,14 +103,14 @@ def input_files(spec: ScanSpec) -> dict[str, Path]:
 
 def per_kind(files: dict[str, Path], repeats: int) -> dict[str, Any]:
     """CPU seconds per scan of decode + validate + preprocess, and the stages of the last run."""
-    from api.inference.service import _prepare
+    from api.inference.pipeline import prepare_scan
 
     out: dict[str, Any] = {}
     for kind, path in files.items():
         stages: dict[str, float] = {}
 
         def once(path: Path = path, kind: str = kind, stages: dict[str, float] = stages) -> None:
-            stages.update(_prepare(str(path), CONTENT_TYPES[kind], None)[3])
+            stages.update(prepare_scan(str(path), CONTENT_TYPES[kind], None)[3])
 
         cpu = _cpu(once, repeats)
         target = TARGETS_S.get(kind)

@@ -21,7 +21,6 @@ the micro-batcher and Triton all honour.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
@@ -38,17 +37,14 @@ from api.inference.answers import MAP_INCLUDES, build_predict_response, check_in
 from api.inference.batching import BatchAnswer, MicroBatcher, deadline_exceeded
 from api.inference.explanations import ExplanationFormat, render_explanations
 from api.inference.lanes import DEFAULT_LANE, Lane
+from api.inference.pipeline import prepare_scan
 from api.inference.uploads import check_declared_length, spool_chunks
 from api.inference.workers import Leased, PreprocessPool
-from api.ingest import DecodedScan, decode_upload
-from api.ingest.scan import DEFAULT_LIMITS, IngestLimits
-from api.ingest.validation import validate
+from api.ingest import DecodedScan
 from api.problems import ProblemCode, ProblemError
 from api.results.dicom_sr import Algorithm
 from api.schemas import PredictResponse
 from api.settings import Settings, ingest_limits
-from headct.preprocess import PreprocessingError, preprocess, source_plane_stats
-from headct.volume import Volume
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -138,48 +134,6 @@ class Prediction:
     result: InferenceResult
     warnings: list[tuple[str, str]]
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def _without_voxels(scan: DecodedScan) -> DecodedScan:
-    """The scan's metadata for the response, without the (up to 1 GiB) volume: cheap to send back."""
-    return dataclasses.replace(
-        scan, volume=Volume(hu=np.zeros((1, 1, 1), np.float32), affine=np.asarray(scan.volume.affine))
-    )
-
-
-def _prepare(
-    upload: str,
-    content_type: str,
-    series_uid: str | None,
-    limits: IngestLimits | None = None,
-    evidence: bool = False,
-) -> tuple[DecodedScan, np.ndarray, list[tuple[str, str]], dict[str, float]]:
-    """Runs in a preprocessing worker: the upload's path → (scan metadata, fp16 tensor, warnings,
-    seconds per stage); with `evidence`, a DICOM scan's instances without pixels come back too. Raises
-    ProblemError (pickled back to the gateway)."""
-    seconds: dict[str, float] = {}
-    last = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        seconds[stage] = now - last
-        last = now
-
-    scan = decode_upload(
-        Path(upload), content_type, series_uid=series_uid, limits=limits or DEFAULT_LIMITS, evidence=evidence
-    )
-    lap("decode")
-    # One read of the volume gives validation its value range and preprocessing the head's box.
-    stats = source_plane_stats(scan.volume.hu) if scan.volume.hu.size else None
-    warnings = validate(scan, stats)
-    lap("validate")
-    try:
-        image = preprocess(scan.volume, stats)
-    except PreprocessingError as error:
-        raise ProblemError(ProblemCode.from_code(error.code), str(error)) from None
-    lap("preprocess")
-    return _without_voxels(scan), np.ascontiguousarray(image, dtype=np.float16), warnings, seconds
 
 
 @runtime_checkable
@@ -396,11 +350,11 @@ class PredictionService:
     async def _prepare_in_pool(
         self, lane: Lane, upload: Path, content_type: str, series_uid: str | None, evidence: bool
     ) -> Leased[tuple[DecodedScan, np.ndarray, list[tuple[str, str]], dict[str, float]]]:
-        """`_prepare` in the lane's pool; when the backend can read it there, the model input is left
+        """`prepare_scan` in the lane's pool; when the backend can read it there, the model input is left
         in the worker's result slot until the lease is released (after inference)."""
         in_place = isinstance(self.model, SharesInputMemory) and self.model.reads_shared_memory
         return await self._leased_in_lane_pool(
-            lane, in_place, _prepare, str(upload), content_type, series_uid, self.limits, evidence
+            lane, in_place, prepare_scan, str(upload), content_type, series_uid, self.limits, evidence
         )
 
     async def _run_in_lane_pool(self, lane: Lane, function: Callable[..., T], *args: Any) -> T:

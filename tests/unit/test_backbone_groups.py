@@ -349,7 +349,7 @@ def test_an_answer_from_another_model_version_is_refused_not_mislabelled(
         def invalidate_card(self, reason: str) -> None:
             self.invalidated.append(reason)
 
-    monkeypatch.setattr(api.inference.service, "_prepare", fake_prepare)
+    monkeypatch.setattr(api.inference.service, "prepare_scan", fake_prepare)
     model = UpdatedMidway()
     service = service_for(model)
 

@@ -22,7 +22,8 @@ from api import metrics
 from api.inference.admission import Admission
 from api.inference.batching import MicroBatcher
 from api.inference.lanes import DEFAULT_LANE, Lane
-from api.inference.service import PredictionService, _prepare
+from api.inference.pipeline import prepare_scan
+from api.inference.service import PredictionService
 from api.inference.workers import PreprocessPool
 from api.lifecycle import Lifecycle
 from api.problems import ProblemCode, ProblemError
@@ -389,7 +390,7 @@ def service_for(model: FakeModel, **settings: Any) -> PredictionService:
 
 
 def test_the_request_deadline_covers_inference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(api.inference.service, "_prepare", fake_prepare)
+    monkeypatch.setattr(api.inference.service, "prepare_scan", fake_prepare)
     model = SlowModel(delay_s=1.0)
     service = service_for(model, request_timeout_s=0.3)
 
@@ -408,7 +409,7 @@ def test_the_request_deadline_covers_inference(monkeypatch: pytest.MonkeyPatch, 
 def test_a_request_that_times_out_in_the_queue_never_reaches_triton(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(api.inference.service, "_prepare", fake_prepare)
+    monkeypatch.setattr(api.inference.service, "prepare_scan", fake_prepare)
     model = SlowModel(delay_s=0.0)
     service = service_for(model, request_timeout_s=0.3, max_inflight=1, max_queue=4)
 
@@ -477,13 +478,13 @@ def test_preprocessing_runs_in_worker_processes_and_problems_come_back(
             (worker,) = pool.pids()
             assert worker != os.getpid()
             scan, tensor, _, seconds = await pool.run(
-                _prepare, str(nifti_path), "application/octet-stream", None
+                prepare_scan, str(nifti_path), "application/octet-stream", None
             )
             assert tensor.shape == (3, 96, 96, 96) and tensor.dtype == np.float16
             assert scan.file_shape == (40, 40, 30) and scan.volume.hu.size == 1  # voxels stayed there
             assert set(seconds) == {"decode", "validate", "preprocess"}
             with pytest.raises(ProblemError) as raised:
-                await pool.run(_prepare, str(garbage), "application/octet-stream", None)
+                await pool.run(prepare_scan, str(garbage), "application/octet-stream", None)
             assert (raised.value.status, raised.value.code) == (400, "unreadable_file")
         finally:
             pool.shutdown()

@@ -283,7 +283,7 @@ async def _chunks(data: bytes) -> Any:
 def test_the_lane_reaches_the_backend_the_answer_and_the_metrics(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(api.inference.service, "_prepare", _prepare_without_scan)
+    monkeypatch.setattr(api.inference.service, "prepare_scan", _prepare_without_scan)
     monkeypatch.setattr(api.inference.service, "build_predict_response", _fake_response)
     model = FakeModel()
     service = service_for(model, spool_dir=str(tmp_path))

@@ -17,7 +17,7 @@ import pytest
 
 import headct.preprocess as preprocess_module
 from api.grpc.problems import grpc_status
-from api.inference import service as prediction
+from api.inference import pipeline as prediction
 from api.main import create_app
 from api.problem_codes import (
     MODEL_CARD_PROBLEMS,
@@ -177,16 +177,18 @@ def test_every_code_headct_can_raise_is_a_422_in_the_catalogue() -> None:
 def test_a_preprocessing_error_becomes_its_catalogue_problem(
     code: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    def fail(volume: object) -> None:
+    def fail(volume: object, stats: object = None) -> None:
         raise PreprocessingError("cannot", code=code)
 
+    volume = types.SimpleNamespace(hu=types.SimpleNamespace(size=1))
     monkeypatch.setattr(
-        prediction, "decode_upload", lambda *args, **kwargs: types.SimpleNamespace(volume=None)
+        prediction, "decode_upload", lambda *args, **kwargs: types.SimpleNamespace(volume=volume)
     )
-    monkeypatch.setattr(prediction, "validate", lambda scan: [])
+    monkeypatch.setattr(prediction, "source_plane_stats", lambda hu: None)
+    monkeypatch.setattr(prediction, "validate", lambda scan, stats=None: [])
     monkeypatch.setattr(prediction, "preprocess", fail)
     with pytest.raises(ProblemError) as raised:
-        prediction._prepare(str(tmp_path / "scan"), "application/octet-stream", None)
+        prediction.prepare_scan(str(tmp_path / "scan"), "application/octet-stream", None)
     assert raised.value.problem is ProblemCode(code)
     assert (raised.value.status, raised.value.code, raised.value.detail) == (422, code, "cannot")
 

@@ -15,7 +15,7 @@ from api.inference.workers import RESULT_SLOT_BYTES, PreprocessPool
 
 
 def scan_result(fill: float, delay_s: float = 0.0) -> tuple[str, np.ndarray, list[str], dict[str, float]]:
-    """Shaped like `_prepare`'s result: metadata, the fp16 model input, warnings, timings."""
+    """Shaped like `prepare_scan`'s result: metadata, the fp16 model input, warnings, timings."""
     time.sleep(delay_s)
     return ("scan", np.full((3, 96, 96, 96), fill, dtype=np.float16), ["w"], {"decode": 0.1})
 
