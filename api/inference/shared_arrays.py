@@ -22,13 +22,17 @@ the spawned workers), which removes them from /dev/shm if the gateway dies witho
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
+
+#: Names of this gateway's shared-memory segments start with "headct-" (Triton's registrations too).
+SLOT_PREFIX: Final = "headct-slot-"
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,10 @@ class ArraySlots:
         self.slot_bytes = slot_bytes
         self._segments = {
             segment.name: segment
-            for segment in (SharedMemory(create=True, size=slot_bytes) for _ in range(count))
+            for segment in (
+                SharedMemory(name=f"{SLOT_PREFIX}{uuid.uuid4().hex}", create=True, size=slot_bytes)
+                for _ in range(count)
+            )
         }
         self._free = list(self._segments)
         self._lock = threading.Lock()  # give_back also runs in the executor's result thread

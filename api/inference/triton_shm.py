@@ -12,8 +12,9 @@ the message as before: `auto` needs no configuration either way.
 Regions are lent one per Triton call and given back when the call returns. A call that finds none
 free, or a batch larger than a region, uses the message. The regions' names are random, so a gateway
 never maps another's, and each is unregistered from Triton and removed from /dev/shm by `close()`
-(multiprocessing's resource tracker removes the files if the gateway dies; Triton then keeps its own
-mapping of the dead gateway's regions, ``count`` x ``region_bytes`` at most, until it restarts).
+(multiprocessing's resource tracker removes the files if the gateway dies; Triton keeps its own mapping
+of the dead gateway's regions until the next gateway on this host registers, which unregisters every
+``headct-`` region whose segment is gone).
 
 A Triton restart forgets registrations: `invalidate()` (called when the model's readiness changes, or a
 call names a region Triton no longer knows) makes the next call register them again.
@@ -28,6 +29,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -39,13 +41,16 @@ log = logging.getLogger(__name__)
 SharedMemoryMode = Literal["auto", "off"]
 #: Triton calls that can use a region at once; more at once send their input in the message.
 DEFAULT_REGIONS = 4
+REGION_PREFIX = "headct-input-"
+#: What the names of every gateway's segments start with (regions and result slots).
+OUR_PREFIX = "headct-"
 
 
 class InputRegion:
     """One shared-memory segment registered with Triton under `name`."""
 
     def __init__(self, size: int) -> None:
-        self.name = f"headct-input-{uuid.uuid4().hex}"
+        self.name = f"{REGION_PREFIX}{uuid.uuid4().hex}"
         self.segment = SharedMemory(name=self.name, create=True, size=size)
 
     @property
@@ -182,8 +187,22 @@ class InputRegions:
                 self.disabled = True
                 self._close_regions()
             return False
+        if not self.ever_registered:  # Triton maps our memory: it is on this host
+            with contextlib.suppress(InferenceServerException):
+                await self._forget_dead_gateways_regions()
         self.registered = self.ever_registered = True
         return True
+
+    async def _forget_dead_gateways_regions(self) -> None:
+        """Unregister the regions of gateways that died without unregistering theirs (killed): their
+        segment is gone from this host's /dev/shm (the resource tracker removed it), but Triton still
+        maps it. Only our own names, and only once Triton has mapped ours (so it shares this /dev/shm)."""
+        status = await self._client.get_system_shared_memory_status(as_json=True)
+        for name, region in (status.get("regions") or {}).items():
+            key = str(region.get("key", ""))
+            if name.startswith(OUR_PREFIX) and key.startswith("/") and not Path("/dev/shm", key[1:]).exists():
+                log.info("unregistering a dead gateway's shared-memory region from Triton")
+                await self._client.unregister_system_shared_memory(name)
 
     def _close_regions(self) -> None:
         with self._lock:

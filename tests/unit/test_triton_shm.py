@@ -41,6 +41,9 @@ class FakeClient:
         assert Path("/dev/shm", key.lstrip("/")).exists()
         self.registered[name] = (key, byte_size)
 
+    async def get_system_shared_memory_status(self, as_json: bool = False) -> dict[str, Any]:
+        return {"regions": {name: {"name": name, "key": key} for name, (key, _) in self.registered.items()}}
+
     async def unregister_system_shared_memory(self, name: str) -> None:
         self.calls.append(("unregister", name))
         self.registered.pop(name, None)
@@ -131,6 +134,21 @@ def test_an_adopted_segment_is_registered_and_located_in_place() -> None:
         finally:
             slot.close()
             slot.unlink()
+
+    run(scenario())
+
+
+def test_regions_of_a_killed_gateway_are_unregistered_once_triton_maps_ours() -> None:
+    async def scenario() -> None:
+        client = FakeClient()
+        client.registered = {
+            "headct-input-dead": ("/headct-input-dead", 64),  # its gateway was killed: no segment left
+            "someone-elses": ("/someone-elses", 64),  # not ours: left alone
+        }
+        regions = InputRegions(client, count=1)
+        assert await regions.ensure_registered(64)
+        assert "headct-input-dead" not in client.registered and "someone-elses" in client.registered
+        await regions.close()
 
     run(scenario())
 
