@@ -260,25 +260,23 @@ class PredictionService:
                     directory=self.settings.spool_dir,
                     prefix=request.spool_prefix,
                 )
-            except BaseException:
-                readiness.cancel()
-                raise
-            try:
-                prediction = await self.predict(
-                    upload,
-                    request.content_type,
-                    series_uid=request.series_uid,
-                    tasks=selected,
-                    include_embedding=include_embedding,
-                    include_attention=wants_maps,
-                    lane=lane,
-                    evidence=request.evidence,
-                    readiness=readiness,
-                )
-                explanations = await self._explain(request, upload, prediction, selected)
+                try:
+                    prediction = await self.predict(
+                        upload,
+                        request.content_type,
+                        series_uid=request.series_uid,
+                        tasks=selected,
+                        include_embedding=include_embedding,
+                        include_attention=wants_maps,
+                        lane=lane,
+                        evidence=request.evidence,
+                        readiness=readiness,
+                    )
+                    explanations = await self._explain(request, upload, prediction, selected)
+                finally:
+                    upload.unlink(missing_ok=True)
             finally:
-                readiness.cancel()  # (done by now unless `predict` failed before awaiting it)
-                upload.unlink(missing_ok=True)
+                readiness.cancel()  # (done by now unless the upload or `predict` failed before it)
         response = build_predict_response(
             prediction,
             selected=selected,

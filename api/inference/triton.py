@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from api import metrics
 from api.inference.batching import BatchAnswer
 from api.inference.lanes import DEFAULT_LANE, Lane
-from api.inference.triton_shm import DEFAULT_REGIONS, InputRegion, InputRegions, SharedMemoryMode
+from api.inference.triton_shm import DEFAULT_REGIONS, InputRegions, SharedMemoryMode
 from api.problems import ProblemCode, ProblemError
 from headct import contract
 from headct.model_card import MODEL_CARD_PARAMETER, InputContract, ModelCard
@@ -54,6 +54,15 @@ def _version_key(version: str) -> tuple[int, str]:
 def _grpc_code(error: InferenceServerException) -> str:
     status = error.status() or "StatusCode.UNKNOWN"
     return status.removeprefix("StatusCode.")
+
+
+def _input_tensor(batch: np.ndarray, in_message: bool = False) -> grpcclient.InferInput:
+    """The model input of a call; its data in the gRPC message when `in_message` (else the caller
+    names a shared-memory region)."""
+    tensor = grpcclient.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_DATATYPE)
+    if in_message:
+        tensor.set_data_from_numpy(batch)
+    return tensor
 
 
 class TritonModel:
@@ -358,19 +367,20 @@ class TritonModel:
         """One Triton call, its input in a shared-memory region when one is free; sent again in the
         message when Triton no longer knows the region (it restarted since the registration)."""
         regions = self._input_regions
-        region: InputRegion | None = None
+        region: str | None = None
         placed: tuple[str, int] | None = None
         if regions is not None and await regions.ensure_registered(self._region_bytes(batch)):
             placed = regions.locate(batch)  # already where a worker wrote it: no copy at all
             region = None if placed is not None else regions.lend(batch.nbytes)
-        tensor = grpcclient.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_DATATYPE)
         try:
             if placed is not None:
+                tensor = _input_tensor(batch)
                 tensor.set_shared_memory(placed[0], batch.nbytes, offset=placed[1])
-            elif region is not None:
-                tensor.set_shared_memory(region.name, region.write(batch))
+            elif region is not None and regions is not None:
+                tensor = _input_tensor(batch)
+                tensor.set_shared_memory(region, regions.write(region, batch))
             else:
-                tensor.set_data_from_numpy(batch)
+                tensor = _input_tensor(batch, in_message=True)
             in_memory = placed is not None or region is not None
             transport = "in_place" if placed is not None else "shared_memory" if in_memory else "message"
             metrics.TRITON_INPUTS.labels(transport=transport).inc()
@@ -381,12 +391,8 @@ class TritonModel:
                     raise
                 log.info("Triton forgot this gateway's shared-memory regions; registering them again")
                 regions.invalidate()
-                tensor = grpcclient.InferInput(
-                    contract.INPUT_NAME, list(batch.shape), contract.INPUT_DATATYPE
-                )
-                tensor.set_data_from_numpy(batch)
                 metrics.TRITON_INPUTS.labels(transport="message").inc()
-                return await self._send(tensor, names, limit, lane)
+                return await self._send(_input_tensor(batch, in_message=True), names, limit, lane)
         finally:
             if region is not None and regions is not None:
                 regions.give_back(region)

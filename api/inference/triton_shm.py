@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-import uuid
 from collections.abc import Mapping
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -36,43 +34,15 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from api.inference.shared_arrays import ArraySlots
+
 log = logging.getLogger(__name__)
 
 SharedMemoryMode = Literal["auto", "off"]
 #: Triton calls that can use a region at once; more at once send their input in the message.
 DEFAULT_REGIONS = 4
-REGION_PREFIX = "headct-input-"
 #: What the names of every gateway's segments start with (regions and result slots).
 OUR_PREFIX = "headct-"
-
-
-class InputRegion:
-    """One shared-memory segment registered with Triton under `name`."""
-
-    def __init__(self, size: int) -> None:
-        self.name = f"{REGION_PREFIX}{uuid.uuid4().hex}"
-        self.segment = SharedMemory(name=self.name, create=True, size=size)
-
-    @property
-    def key(self) -> str:
-        """The POSIX shared-memory key Triton opens (`shm_open`)."""
-        return "/" + self.name
-
-    @property
-    def size(self) -> int:
-        return self.segment.size
-
-    def write(self, batch: np.ndarray) -> int:
-        """Copy `batch` to the start of the region; the number of bytes written."""
-        view: np.ndarray = np.ndarray(batch.shape, dtype=batch.dtype, buffer=self.segment.buf)
-        np.copyto(view, batch, casting="no")
-        del view  # no export of the buffer may outlive a call (SharedMemory.close refuses then)
-        return int(batch.nbytes)
-
-    def close(self) -> None:
-        self.segment.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.segment.unlink()
 
 
 def _address(segment: SharedMemory) -> int:
@@ -89,10 +59,8 @@ class InputRegions:
         self._client = client
         self.count = count
         self.region_bytes = 0  # set by the first `ensure_registered`
-        self._regions: list[InputRegion] = []
-        self._free: list[InputRegion] = []
+        self._own: ArraySlots | None = None  # this gateway's regions, lent one per call
         self._adopted: dict[str, dict[str, SharedMemory]] = {}  # owner -> segments by name
-        self._lock = threading.Lock()
         self.registered = False  # with the Triton that runs now
         self.ever_registered = False
         self._names: set[str] = set()  # registered with Triton (to unregister when replaced or closed)
@@ -117,10 +85,9 @@ class InputRegions:
         if not self.registered:
             async with self._registering:
                 if not self.registered:
-                    if not self._regions and self.count > 0:
+                    if self._own is None and self.count > 0:
                         self.region_bytes = region_bytes
-                        self._regions = [InputRegion(region_bytes) for _ in range(self.count)]
-                        self._free = list(self._regions)
+                        self._own = ArraySlots(self.count, region_bytes)
                     if not await self._register():
                         return False
         return bool(self._names)
@@ -136,18 +103,24 @@ class InputRegions:
                 return name, offset
         return None
 
-    def lend(self, nbytes: int) -> InputRegion | None:
-        """A free region of this gateway's own (after `ensure_registered`), or None: then send the
-        input in the message."""
-        if not self.registered or nbytes > self.region_bytes:
+    def lend(self, nbytes: int) -> str | None:
+        """A free region of this gateway's own (its name, after `ensure_registered`), or None: then
+        send the input in the message."""
+        if not self.registered or self._own is None or nbytes > self.region_bytes:
             return None
-        with self._lock:
-            return self._free.pop() if self._free else None
+        return self._own.lend()
 
-    def give_back(self, region: InputRegion) -> None:
-        with self._lock:
-            if region in self._regions and region not in self._free:
-                self._free.append(region)
+    def write(self, region: str, batch: np.ndarray) -> int:
+        """Copy `batch` to the start of the lent `region`; the number of bytes written."""
+        assert self._own is not None
+        view: np.ndarray = np.ndarray(batch.shape, dtype=batch.dtype, buffer=self._own.segments[region].buf)
+        np.copyto(view, batch, casting="no")
+        del view  # no export of the buffer may outlive a call (SharedMemory.close refuses then)
+        return int(batch.nbytes)
+
+    def give_back(self, region: str) -> None:
+        if self._own is not None:
+            self._own.give_back(region)
 
     def invalidate(self) -> None:
         """Register all again before the next use (Triton may have restarted and forgotten them)."""
@@ -156,9 +129,9 @@ class InputRegions:
 
     def _registrations(self) -> list[tuple[str, str, int]]:
         """(name, key, size) of every region to register."""
-        own = [(region.name, region.key, region.size) for region in self._regions]
-        adopted = self._adopted_segments()
-        return own + [(name, "/" + name, segment.size) for name, segment in adopted.items()]
+        own = self._own.segments if self._own is not None else {}
+        segments = {**own, **self._adopted_segments()}
+        return [(name, "/" + name, segment.size) for name, segment in segments.items()]
 
     async def _register(self) -> bool:
         """Register every region. The first failure before any success means Triton cannot map them
@@ -205,10 +178,9 @@ class InputRegions:
                 await self._client.unregister_system_shared_memory(name)
 
     def _close_regions(self) -> None:
-        with self._lock:
-            regions, self._regions, self._free = self._regions, [], []
-        for region in regions:
-            region.close()
+        own, self._own = self._own, None
+        if own is not None:
+            own.close()
 
     async def close(self) -> None:
         """Unregister every region from Triton (if it is still there) and remove this gateway's own."""

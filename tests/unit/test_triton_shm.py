@@ -93,20 +93,20 @@ def test_regions_registered_on_first_use_and_written_through() -> None:
         first, second = regions.lend(1000), regions.lend(1000)
         assert first is not None and second is not None and first is not second
         assert regions.lend(10) is None  # both lent: the message
-        assert set(client.registered) == {first.name, second.name}
+        assert set(client.registered) == {first, second}
         batch = np.arange(500, dtype=np.float16).reshape(1, 500)
-        assert first.write(batch) == batch.nbytes
-        seen = SharedMemory(name=first.name)
+        assert regions.write(first, batch) == batch.nbytes
+        seen = SharedMemory(name=first)
         try:
             assert seen.buf is not None and bytes(seen.buf[: batch.nbytes]) == batch.tobytes()
         finally:
             seen.close()
         regions.give_back(first)
-        assert regions.lend(10) is first
+        assert regions.lend(10) == first
         assert regions.lend(2048) is None  # larger than a region: the message
         await regions.close()
         assert client.registered == {}
-        assert not Path("/dev/shm", first.name).exists() and not Path("/dev/shm", second.name).exists()
+        assert not Path("/dev/shm", first).exists() and not Path("/dev/shm", second).exists()
 
     run(scenario())
 
@@ -142,12 +142,12 @@ def test_regions_of_a_killed_gateway_are_unregistered_once_triton_maps_ours() ->
     async def scenario() -> None:
         client = FakeClient()
         client.registered = {
-            "headct-input-dead": ("/headct-input-dead", 64),  # its gateway was killed: no segment left
+            "headct-slot-dead": ("/headct-slot-dead", 64),  # its gateway was killed: no segment left
             "someone-elses": ("/someone-elses", 64),  # not ours: left alone
         }
         regions = InputRegions(client, count=1)
         assert await regions.ensure_registered(64)
-        assert "headct-input-dead" not in client.registered and "someone-elses" in client.registered
+        assert "headct-slot-dead" not in client.registered and "someone-elses" in client.registered
         await regions.close()
 
     run(scenario())
@@ -184,7 +184,7 @@ def test_after_a_restart_the_regions_are_registered_again() -> None:
         assert not regions.disabled  # it worked before: a transient failure, try again next time
         client.mappable = True
         assert await regions.ensure_registered(64)
-        assert regions.lend(64) is region and region.name in client.registered
+        assert regions.lend(64) == region and region in client.registered
         await regions.close()
 
     run(scenario())
