@@ -4,17 +4,18 @@ gRPC message.
 A 5.3 MB fp16 scan sent in the gRPC message is copied five times on its way: into the request
 (`set_data_from_numpy`), into the serialised protobuf, through the loopback socket twice, and out of
 the message in Triton. When Triton runs on this host (the embedded local default, `make serve`), the
-gateway instead writes the batch once into a POSIX shared-memory region that Triton has mapped
-(Triton's system shared-memory extension) and the request only names the region. On a cluster, where
-Triton runs in its own pods, registration fails (Triton cannot open the region) and the input goes in
-the message as before: `auto` needs no configuration either way.
+request only names a POSIX shared-memory region that Triton has mapped (Triton's system shared-memory
+extension): for a scan sent alone, the preprocessing worker's result slot it already lies in (`adopt`,
+`locate`: no copy in the gateway at all); for a batch, a region of the gateway's own it is copied into
+once. On a cluster, where Triton runs in its own pods, registration fails (Triton cannot open the
+region) and the input goes in the message as before: `auto` needs no configuration either way.
 
-Regions are lent one per Triton call and given back when the call returns. A call that finds none
-free, or a batch larger than a region, uses the message. The regions' names are random, so a gateway
-never maps another's, and each is unregistered from Triton and removed from /dev/shm by `close()`
-(multiprocessing's resource tracker removes the files if the gateway dies; Triton keeps its own mapping
-of the dead gateway's regions until the next gateway on this host registers, which unregisters every
-``headct-`` region whose segment is gone).
+The gateway's own regions are lent one per Triton call and given back when the call returns. A call
+that finds none free, or a batch larger than a region, uses the message. The names are random, so a
+gateway never maps another's, and `close()` unregisters all from Triton and removes its own regions
+from /dev/shm (the pools remove their slots). If the gateway dies, multiprocessing's resource tracker
+removes the files; Triton keeps its own mapping of the dead gateway's regions until the next gateway on
+this host registers, which unregisters every ``headct-`` region whose segment is gone.
 
 A Triton restart forgets registrations: `invalidate()` (called when the model's readiness changes, or a
 call names a region Triton no longer knows) makes the next call register them again.
