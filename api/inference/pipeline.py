@@ -14,17 +14,25 @@ from pathlib import Path
 import numpy as np
 
 from api.ingest import DecodedScan, decode_upload
+from api.ingest.dicom import PARSED_MEMBERS_BUDGET_BYTES
 from api.ingest.scan import DEFAULT_LIMITS, IngestLimits
 from api.ingest.validation import validate
+from api.ingest.volume_memory import ProcessVolumeMemory
 from api.problems import ProblemCode, ProblemError
-from headct.preprocess import PreprocessingError, preprocess, source_plane_stats
+from headct.preprocess import PreprocessingError, preprocess, source_plane_stats, stats_describe
 from headct.volume import Volume
+
+#: The worker's memory for decoded volumes, reused scan after scan (`VolumeMemory`).
+VOLUME_MEMORY = ProcessVolumeMemory()
 
 
 def without_voxels(scan: DecodedScan) -> DecodedScan:
-    """The scan's metadata for the response, without the (up to 1 GiB) volume: cheap to send back."""
+    """The scan's metadata for the response, without the (up to 1 GiB) volume and its plane statistics:
+    cheap to send back."""
     return dataclasses.replace(
-        scan, volume=Volume(hu=np.zeros((1, 1, 1), np.float32), affine=np.asarray(scan.volume.affine))
+        scan,
+        volume=Volume(hu=np.zeros((1, 1, 1), np.float32), affine=np.asarray(scan.volume.affine)),
+        plane_stats=None,
     )
 
 
@@ -47,17 +55,25 @@ def prepare_scan(
         seconds[stage] = now - last
         last = now
 
-    scan = decode_upload(
-        Path(upload), content_type, series_uid=series_uid, limits=limits or DEFAULT_LIMITS, evidence=evidence
-    )
-    lap("decode")
-    # One read of the volume gives validation its value range and preprocessing the head's box.
-    stats = source_plane_stats(scan.volume.hu) if scan.volume.hu.size else None
-    warnings = validate(scan, stats)
-    lap("validate")
-    try:
-        image = preprocess(scan.volume, stats)
-    except PreprocessingError as error:
-        raise ProblemError(ProblemCode.from_code(error.code), str(error)) from None
-    lap("preprocess")
-    return without_voxels(scan), np.ascontiguousarray(image, dtype=np.float16), warnings, seconds
+    limits = limits or DEFAULT_LIMITS
+    capacity = max(PARSED_MEMBERS_BUDGET_BYTES, 4 * limits.max_voxels)
+    with VOLUME_MEMORY.lend(capacity) as memory:
+        scan = decode_upload(
+            Path(upload), content_type, series_uid=series_uid, limits=limits, evidence=evidence, memory=memory
+        )
+        lap("decode")
+        # One read of the volume gives validation its value range and preprocessing the head's box; none
+        # where the decoder gathered them while writing the volume.
+        hu = scan.volume.hu
+        stats = scan.plane_stats if stats_describe(scan.plane_stats, hu) else None
+        if stats is None and hu.size:
+            stats = source_plane_stats(hu)
+        warnings = validate(scan, stats)
+        lap("validate")
+        try:
+            image = preprocess(scan.volume, stats)
+        except PreprocessingError as error:
+            raise ProblemError(ProblemCode.from_code(error.code), str(error)) from None
+        lap("preprocess")
+        # (the volume lives in the worker's series memory: only what is built from it leaves the block)
+        return without_voxels(scan), np.ascontiguousarray(image, dtype=np.float16), warnings, seconds

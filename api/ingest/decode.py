@@ -9,7 +9,7 @@ refused as ``too_few_slices``). Runs in a worker thread or process: plain data i
 from __future__ import annotations
 
 import tempfile
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from api.ingest import dicom, validation
@@ -28,19 +28,28 @@ from api.ingest.sniff import (
     read_head,
     sniff_bytes,
 )
+from api.ingest.volume_memory import VolumeMemory
 from api.problems import ProblemCode, ProblemError
 
 
-def decode_dicom(
-    source: MemberSource,
-    *,
-    series_uid: str | None,
-    limits: IngestLimits,
-    scratch: Path,
-    evidence: bool = False,
-) -> DecodedScan:
-    """Headers of all members -> series selection -> header rules -> geometry -> pixels."""
-    parsed = dicom.ParsedMembers()
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What `decode_upload` was asked for, handed down to each format's decoder."""
+
+    series_uid: str | None
+    limits: IngestLimits
+    scratch: Path  # a private directory for members that must be read from a file
+    evidence: bool
+    memory: VolumeMemory | None
+
+
+def decode_dicom(source: MemberSource, options: DecodeOptions) -> DecodedScan:
+    """Headers of all members -> series selection -> header rules -> geometry -> pixels. The series'
+    stored planes, then its HU stack, are kept in ``options.memory`` (a new one when None): the volume
+    is valid until that memory is used again."""
+    series_uid, limits, scratch = options.series_uid, options.limits, options.scratch
+    memory = options.memory or VolumeMemory(max(dicom.PARSED_MEMBERS_BUDGET_BYTES, 4 * limits.max_voxels))
+    parsed = dicom.ParsedMembers(planes=memory.planes())
     headers, skipped = dicom.read_headers(source, parsed)
     if not headers:
         raise unreadable(
@@ -85,8 +94,8 @@ def decode_dicom(
                 "an orthogonal grid (in the 1 mm resample of preprocessing)",
             )
         )
-    volume = dicom.assemble(source, series, geometry, limits, scratch, parsed)
-    instances = dicom.read_evidence(source, series) if evidence else ()
+    volume, plane_stats = dicom.assemble(source, series, geometry, limits, scratch, parsed)
+    instances = dicom.read_evidence(source, series) if options.evidence else ()
     spacing = first.pixel_spacing or (0.0, 0.0)
     return DecodedScan(
         volume=volume,
@@ -96,31 +105,20 @@ def decode_dicom(
         warnings=warnings,
         dicom=info,
         evidence=instances,
+        plane_stats=plane_stats,
     )
 
 
-def _decode_single(
-    path: Path,
-    kind: str | None,
-    *,
-    series_uid: str | None,
-    limits: IngestLimits,
-    scratch: Path,
-    evidence: bool = False,
-) -> DecodedScan:
+def _decode_single(path: Path, kind: str | None, options: DecodeOptions) -> DecodedScan:
     if kind in ("nifti", "nifti-gz"):
-        scan = decode_nifti(path, gzipped=kind == "nifti-gz", limits=limits)
+        scan = decode_nifti(path, gzipped=kind == "nifti-gz", limits=options.limits, memory=options.memory)
     elif kind == "nrrd":
-        scan = decode_nrrd(path, limits)
+        scan = decode_nrrd(path, options.limits)
     elif kind == "zip":
-        with ZipSource(path, limits) as source:
-            return decode_dicom(
-                source, series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
-            )
+        with ZipSource(path, options.limits) as source:
+            return decode_dicom(source, options)
     elif kind == "dicom":
-        return decode_dicom(
-            SingleFile(path), series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
-        )
+        return decode_dicom(SingleFile(path), options)
     elif kind == "nifti-pair":
         raise unreadable("NIfTI", "a NIfTI header pair (.hdr/.img) cannot be sent as one file; send a .nii")
     else:
@@ -129,22 +127,14 @@ def _decode_single(
             "the body is not a recognised scan (no NIfTI, NRRD, zip or DICOM signature found)",
             expected=ACCEPTED_DESCRIPTION,
         )
-    if series_uid is not None:
+    if options.series_uid is not None:
         scan.warnings.append(
             ("series_uid_ignored", f"series_uid applies to DICOM only; {kind} has one volume")
         )
     return scan
 
 
-def _decode_multipart(
-    path: Path,
-    content_type: str,
-    *,
-    series_uid: str | None,
-    limits: IngestLimits,
-    scratch: Path,
-    evidence: bool = False,
-) -> DecodedScan:
+def _decode_multipart(path: Path, content_type: str, options: DecodeOptions) -> DecodedScan:
     boundary = content_type_parameter(content_type, "boundary")
     if not boundary:
         raise ProblemError(
@@ -153,12 +143,10 @@ def _decode_multipart(
             field="content-type",
             expected='multipart/form-data; boundary="..."',
         )
-    with MultipartSource(path, boundary, limits) as source:
+    with MultipartSource(path, boundary, options.limits) as source:
         kinds = [sniff_bytes(*read_head(source.path(i))) for i in range(source.count())]
         if "dicom" in kinds:
-            return decode_dicom(
-                source, series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
-            )
+            return decode_dicom(source, options)
         scans = [(i, kind) for i, kind in enumerate(kinds) if kind is not None]
         if len(scans) != 1:
             raise ProblemError(
@@ -168,9 +156,7 @@ def _decode_multipart(
                 expected=ACCEPTED_DESCRIPTION,
             )
         index, kind = scans[0]
-        return _decode_single(
-            source.path(index), kind, series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
-        )
+        return _decode_single(source.path(index), kind, options)
 
 
 def decode_upload(
@@ -180,9 +166,12 @@ def decode_upload(
     series_uid: str | None = None,
     limits: IngestLimits = DEFAULT_LIMITS,
     evidence: bool = False,
+    memory: VolumeMemory | None = None,
 ) -> DecodedScan:
     """Decode the spooled upload at `path` (left in place; the caller deletes it); with `evidence`, a
-    DICOM scan also carries its series' instances without pixel data (`DecodedScan.evidence`).
+    DICOM scan also carries its series' instances without pixel data (`DecodedScan.evidence`). A DICOM
+    series or a NIfTI volume is built in `memory` when given (a worker's, reused scan after scan: the
+    volume is valid until its next use), else in memory of its own.
 
     Raises:
         ProblemError: 400 ``unreadable_file``, 413 ``payload_too_large``, 415
@@ -192,11 +181,9 @@ def decode_upload(
     """
     media_type = media_type_of(content_type)
     with tempfile.TemporaryDirectory(prefix="headct-scratch-", dir=path.parent) as scratch_dir:
-        scratch = Path(scratch_dir)
+        options = DecodeOptions(series_uid, limits, Path(scratch_dir), evidence, memory)
         if media_type in MULTIPART_MEDIA_TYPES:
-            return _decode_multipart(
-                path, content_type, series_uid=series_uid, limits=limits, scratch=scratch, evidence=evidence
-            )
+            return _decode_multipart(path, content_type, options)
         if media_type.startswith("multipart/") or media_type not in SINGLE_FILE_MEDIA_TYPES:
             raise ProblemError(
                 ProblemCode.UNSUPPORTED_MEDIA_TYPE,
@@ -205,11 +192,4 @@ def decode_upload(
                 expected=ACCEPTED_DESCRIPTION,
             )
         head, gzipped = read_head(path)
-        return _decode_single(
-            path,
-            sniff_bytes(head, gzipped),
-            series_uid=series_uid,
-            limits=limits,
-            scratch=scratch,
-            evidence=evidence,
-        )
+        return _decode_single(path, sniff_bytes(head, gzipped), options)

@@ -42,7 +42,7 @@ import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import iter_pixels
@@ -61,8 +61,10 @@ from api.ingest.errors import too_large, unreadable
 from api.ingest.members import IN_MEMORY_MEMBER_BYTES, MemberSource
 from api.ingest.scan import AcquisitionText, IngestLimits, ScanWarning
 from api.ingest.sniff import looks_like_dicom
+from api.ingest.volume_memory import StoredPlanes, rescale, stored_values
 from api.problems import ProblemCode, ProblemError
 from headct.dicom_geometry import GeometryError, StackGeometry, check_same_orientation, stack_geometry
+from headct.preprocess import PlaneStatsBuilder, SourcePlaneStats
 from headct.volume import Volume
 
 # Read-time validation warnings can quote element values (possibly a patient's); never emit them.
@@ -151,6 +153,9 @@ _PIXEL_DATA: Final = Tag("PixelData")
 _TRANSFER_SYNTAX_UID: Final = Tag("TransferSyntaxUID")
 #: Parsed members (their pixel bytes) kept from the header pass for the pixel pass, at most.
 PARSED_MEMBERS_BUDGET_BYTES: Final = 1 << 30
+# Values longer than this are left in the member's bytes by `dcmread` and filled in afterwards: the
+# pixel data of the smallest plane kept in `StoredPlanes` (a few header values are copied either way).
+_DEFER_BYTES: Final = 256
 _REDACTED: Final = "[redacted]"
 #: Tolerance for "the same PixelSpacing" between slices of a series (mm).
 PIXEL_SPACING_TOL_MM: Final = 1e-3
@@ -432,13 +437,18 @@ def _headers_of(
 
 
 class ParsedMembers:
-    """Datasets parsed with their pixel data in the header pass, kept for the pixel pass while their
-    pixel bytes fit in `budget_bytes` (the decoded volume is twice as large again as float32)."""
+    """What the header pass keeps for the pixel pass while it fits in `budget_bytes`: the stored planes
+    of uncompressed 16-bit slices, copied into `planes` (where the float32 stack is then built in
+    place), and the datasets of any other member with their pixel data."""
 
-    def __init__(self, budget_bytes: int = PARSED_MEMBERS_BUDGET_BYTES) -> None:
+    def __init__(
+        self, budget_bytes: int = PARSED_MEMBERS_BUDGET_BYTES, planes: StoredPlanes | None = None
+    ) -> None:
         self.budget_bytes = budget_bytes
         self.kept_bytes = 0
+        self.planes = planes
         self._datasets: dict[int, Dataset] = {}
+        self._plane_of: dict[int, int] = {}
 
     def keep(self, member: int, ds: Dataset, size: int) -> bool:
         if self.kept_bytes + size > self.budget_bytes:
@@ -446,6 +456,24 @@ class ParsedMembers:
         self._datasets[member] = ds
         self.kept_bytes += size
         return True
+
+    def keep_plane(
+        self, member: int, data: bytes, offset: int, shape: tuple[int, int], dtype: np.dtype, bits_stored: int
+    ) -> bool:
+        """Copy the member's one stored plane at ``data[offset:]`` into `planes`, if there is room."""
+        size = shape[0] * shape[1] * 2
+        if self.planes is None or self.kept_bytes + size > self.budget_bytes:
+            return False
+        index = self.planes.add(data, offset, shape, dtype, bits_stored)
+        if index is None:
+            return False
+        self._plane_of[member] = index
+        self.kept_bytes += size
+        return True
+
+    def plane_of(self, member: int) -> int | None:
+        """The index in `planes` of the member's stored plane, if it was kept there."""
+        return self._plane_of.get(member)
 
     def take(self, member: int) -> Dataset | None:
         return self._datasets.pop(member, None)
@@ -464,9 +492,12 @@ def read_headers(
         raise unreadable("zip", error) from error
 
 
-def _parse_member(source: MemberSource, member: int, parsed: ParsedMembers) -> Dataset | None:
-    """The member's dataset (None: not DICOM). A small member is read whole and parsed once, with its
-    pixel data (kept in `parsed` while the budget lasts); a large one only up to its pixel data."""
+def _parse_member(
+    source: MemberSource, member: int, parsed: ParsedMembers, values: ElementValues
+) -> Dataset | None:
+    """The member's dataset (None: not DICOM). A small member is read whole and parsed once, its pixel
+    data kept for the pixel pass while the budget lasts (`_keep_pixels`); a large one is parsed only up
+    to its pixel data."""
     whole = source.size(member) <= IN_MEMORY_MEMBER_BYTES
     data = source.read(member) if whole else source.head(member, 132)
     if not looks_like_dicom(data[:132]):
@@ -474,14 +505,26 @@ def _parse_member(source: MemberSource, member: int, parsed: ParsedMembers) -> D
     force = data[128:132] != b"DICM"
     try:
         if whole:
-            ds = pydicom.dcmread(io.BytesIO(data), specific_tags=_HEADER_AND_PIXEL_TAG_VALUES, force=force)
-            # The dataset holds its values, pixel data included (nothing is deferred): without this it
-            # would also keep the whole member's bytes (FileDataset.buffer), doubling what a kept
-            # series weighs in a worker (~100 MB more at the peak for 200 slices of 512x512).
+            # Values over _DEFER_BYTES are left in `data` (pydicom notes where): the pixel data is then
+            # copied once, straight into the stored planes, instead of into a bytes object of its own.
+            ds = pydicom.dcmread(
+                io.BytesIO(data),
+                specific_tags=_HEADER_AND_PIXEL_TAG_VALUES,
+                force=force,
+                defer_size=_DEFER_BYTES,
+            )
+            # The dataset holds its values (the deferred ones are filled in below): without this it
+            # would also keep the whole member's bytes (FileDataset.buffer).
             if isinstance(ds, FileDataset):
                 ds.buffer = None
-            if not parsed.keep(member, ds, len(data)) and _PIXEL_DATA in ds:
-                del ds.PixelData  # over the budget: the pixel pass reads the member again
+            if _transfer_syntax(ds, values) == DeflatedExplicitVRLittleEndian:
+                # pydicom parsed an inflated copy: the deferred values' offsets are not offsets in `data`
+                ds = pydicom.dcmread(
+                    io.BytesIO(data), specific_tags=_HEADER_AND_PIXEL_TAG_VALUES, force=force
+                )
+                if isinstance(ds, FileDataset):
+                    ds.buffer = None
+            _keep_pixels(ds, member, data, parsed, values)
             return ds
         with source.open(member) as handle:
             return pydicom.dcmread(
@@ -493,12 +536,36 @@ def _parse_member(source: MemberSource, member: int, parsed: ParsedMembers) -> D
         return None
 
 
+def _keep_pixels(ds: Dataset, member: int, data: bytes, parsed: ParsedMembers, values: ElementValues) -> None:
+    """Fill in the values `dcmread` deferred from `data`. An uncompressed 16-bit plane goes to
+    ``parsed.planes`` (and out of the dataset); other pixel data stays in the dataset, which `parsed`
+    keeps while the budget lasts (else the pixel pass reads the member again)."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(raw, RawDataElement) or raw.value is not None or not raw.length:
+            continue
+        start = raw.value_tell
+        if tag == _PIXEL_DATA:
+            layout = _native_layout(ds, values, _transfer_syntax(ds, values))
+            if (
+                layout is not None
+                and raw.length == layout.shape[0] * layout.shape[1] * 2
+                and start + raw.length <= len(data)  # (truncated: refused in the pixel pass)
+                and parsed.keep_plane(member, data, start, layout.shape, layout.dtype, layout.bits_stored)
+            ):
+                del ds[tag]
+                continue
+        ds[tag] = raw._replace(value=data[start : start + raw.length])
+    if _PIXEL_DATA in ds and not parsed.keep(member, ds, len(data)):
+        del ds[_PIXEL_DATA]  # over the budget: the pixel pass reads the member again
+
+
 def _read_headers(source: MemberSource, parsed: ParsedMembers) -> tuple[list[InstanceHeader], int]:
     headers: list[InstanceHeader] = []
     skipped = 0
     values = ElementValues()
     for member in range(source.count()):
-        ds = _parse_member(source, member, parsed)
+        ds = _parse_member(source, member, parsed, values)
         found = _image_headers(ds, member, values) if ds is not None else None
         if found is None:
             parsed.take(member)  # nothing of it will be decoded: free its pixels now
@@ -667,13 +734,18 @@ _LITTLE_ENDIAN_NATIVE: Final = frozenset(
 )
 
 
-def _native_plane(ds: Dataset, values: ElementValues | None = None) -> np.ndarray | None:
-    """The one plane of an uncompressed little-endian 16-bit greyscale instance (nearly every CT slice),
-    read straight from its pixel bytes: the values ``ds.pixel_array`` gives (unused high bits shifted
-    out the same way, ``correct_unused_bits``) at a third of its cost. None for anything else, which
-    pydicom decodes."""
-    values = values or ElementValues()
-    if values.reader(ds.file_meta)("TransferSyntaxUID") not in _LITTLE_ENDIAN_NATIVE:
+@dataclass(frozen=True)
+class NativeLayout:
+    """How an uncompressed little-endian single-frame 16-bit greyscale plane is stored."""
+
+    shape: tuple[int, int]  #: (rows, columns)
+    dtype: np.dtype  #: ``<i2`` or ``<u2``
+    bits_stored: int
+
+
+def _native_layout(ds: Dataset, values: ElementValues, transfer_syntax: str) -> NativeLayout | None:
+    """`NativeLayout` of the instance's pixel data, None for anything else (pydicom decodes that)."""
+    if transfer_syntax not in _LITTLE_ENDIAN_NATIVE:
         return None
     get = values.reader(ds)
     try:
@@ -685,21 +757,28 @@ def _native_plane(ds: Dataset, values: ElementValues | None = None) -> np.ndarra
         samples = int(get("SamplesPerPixel") or 1)
     except (AttributeError, TypeError, ValueError):
         return None
-    pixel_bytes = ds.PixelData
-    if (
-        bits_allocated != 16
-        or not 1 <= bits_stored <= 16
-        or frames != 1
-        or samples != 1
-        or not isinstance(pixel_bytes, bytes)
-        or len(pixel_bytes) != rows * columns * 2
-    ):
+    if bits_allocated != 16 or not 1 <= bits_stored <= 16 or frames != 1 or samples != 1:
         return None
-    plane = np.frombuffer(pixel_bytes, dtype="<i2" if signed else "<u2").reshape(rows, columns)
-    if bits_stored < 16:
-        shift = 16 - bits_stored
-        plane = np.right_shift(np.left_shift(plane, shift), shift)
-    return plane
+    if min(rows, columns) < 1:
+        return None
+    return NativeLayout((rows, columns), np.dtype("<i2" if signed else "<u2"), bits_stored)
+
+
+def _native_plane(ds: Dataset, values: ElementValues | None = None) -> np.ndarray | None:
+    """The one plane of an uncompressed little-endian 16-bit greyscale instance (nearly every CT slice),
+    read straight from its pixel bytes: the values ``ds.pixel_array`` gives (unused high bits shifted
+    out the same way, ``correct_unused_bits``) at a third of its cost. None for anything else, which
+    pydicom decodes."""
+    values = values or ElementValues()
+    layout = _native_layout(ds, values, str(values.reader(ds.file_meta)("TransferSyntaxUID")))
+    if layout is None:
+        return None
+    pixel_bytes = ds.PixelData
+    rows, columns = layout.shape
+    if not isinstance(pixel_bytes, bytes) or len(pixel_bytes) != rows * columns * 2:
+        return None
+    plane = np.frombuffer(pixel_bytes, dtype=layout.dtype).reshape(rows, columns)
+    return stored_values(plane, layout.bits_stored)
 
 
 @contextlib.contextmanager
@@ -711,7 +790,11 @@ def _member_pixels(
     parsed: ParsedMembers | None,
     values: ElementValues,
 ) -> Iterator[Iterable[np.ndarray]]:
-    """The member's planes: from its dataset kept by the header pass, or read from the member again."""
+    """The member's planes: kept by the header pass (a stored plane or a dataset), or read again."""
+    index = parsed.plane_of(member) if parsed is not None else None
+    if parsed is not None and parsed.planes is not None and index is not None and frames is None:
+        yield [parsed.planes.plane(index)]
+        return
     ds = parsed.take(member) if parsed is not None else None
     if ds is not None and _PIXEL_DATA in ds:
         yield _dataset_pixels(ds, frames, values)
@@ -720,17 +803,33 @@ def _member_pixels(
         yield _read_pixels(handle, frames)
 
 
-def _rescale(pixels: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
-    """``out = pixels * slope + intercept`` in float32. CT almost always has slope 1: then no multiply,
-    with the same float32 values (``x * 1.0`` is ``x``): the stored values cast to float32 into `out`,
-    then the intercept added in place (the same casts and float32 sums as one ``np.add(pixels,
-    intercept, dtype=float32)``, whose buffered mixed-type loop is slower than the two plain ones)."""
-    if slope == 1.0:
-        np.copyto(out, pixels, casting="unsafe")
-        out += np.float32(intercept)
-        return
-    np.multiply(pixels, np.float32(slope), out=out, casting="unsafe")
-    out += np.float32(intercept)
+def _stack_in_place(
+    headers: list[InstanceHeader], geometry: StackGeometry, parsed: ParsedMembers | None
+) -> tuple[np.ndarray, SourcePlaneStats | None] | None:
+    """The float32 HU stack built where the header pass stored the series' planes, when it stored them
+    all (single-frame, uncompressed 16-bit slices of one size) and the stack fits there, with the
+    volume's `SourcePlaneStats` gathered slice by slice; else None."""
+    planes = parsed.planes if parsed is not None else None
+    if parsed is None or planes is None:
+        return None
+    first = headers[0]
+    rows, columns = int(first.rows or 0), int(first.columns or 0)
+    if planes.shape != (rows, columns) or not planes.fits_stack(len(headers)):
+        return None
+    ordered = [headers[i] for i in geometry.order]
+    order = [parsed.plane_of(h.member) if h.frame is None else None for h in ordered]
+    if any(index is None for index in order) or len(set(order)) != len(order):
+        return None
+    # The volume is the stack transposed (`assemble`): its planes along its outer axis are the slices,
+    # transposed, unless a slice is a single row (then another axis is outermost: no statistics here).
+    builder = PlaneStatsBuilder(2, len(order)) if rows > 1 else None
+    stack = planes.stack(
+        [int(index) for index in order if index is not None],
+        [h.slope for h in ordered],
+        [h.intercept for h in ordered],
+        each=(lambda k, plane: builder.add(k, plane.T)) if builder is not None else None,
+    )
+    return stack, builder.result() if builder is not None else None
 
 
 def assemble(
@@ -740,9 +839,11 @@ def assemble(
     limits: IngestLimits,
     scratch: Path,
     parsed: ParsedMembers | None = None,
-) -> Volume:
-    """Decode the series' pixels into a float32 HU `Volume` laid out by `geometry` (from the datasets
-    the header pass kept in `parsed`, else by reading the members again)."""
+) -> tuple[Volume, SourcePlaneStats | None]:
+    """Decode the series' pixels into a float32 HU `Volume` laid out by `geometry`: in place where the
+    header pass stored every plane of it (`StoredPlanes.stack`, which also gives the volume's
+    `SourcePlaneStats`), else into a new array (statistics None), from what the header pass kept in
+    `parsed` or by reading the members again."""
     first = headers[0]
     rows, columns = int(first.rows or 0), int(first.columns or 0)
     n = len(headers)
@@ -752,8 +853,27 @@ def assemble(
         check_transfer_syntax(uid)
     if any(h.samples_per_pixel != 1 for h in headers):
         raise unreadable("DICOM", "colour (SamplesPerPixel > 1) images are not CT")
+    in_place = _stack_in_place(headers, geometry, parsed)
+    if in_place is None:
+        stack, stats = _stack_by_member(source, headers, geometry, scratch, parsed, (n, rows, columns)), None
+    else:
+        stack, stats = in_place
+    # (slices, rows, columns) -> (columns, rows, slices): axis 0 along the row cosine. A transposed
+    # view, Fortran-contiguous like the arrays nibabel returns for NIfTI; no copy.
+    return Volume(hu=np.transpose(stack, (2, 1, 0)), affine=geometry.affine), stats
+
+
+def _stack_by_member(
+    source: MemberSource,
+    headers: list[InstanceHeader],
+    geometry: StackGeometry,
+    scratch: Path,
+    parsed: ParsedMembers | None,
+    shape: tuple[int, int, int],
+) -> np.ndarray:
+    """The float32 HU stack in a new array, each member's planes decoded and rescaled into their slots."""
     slot = {index: k for k, index in enumerate(geometry.order)}
-    stack = np.empty((n, rows, columns), dtype=np.float32)
+    stack = np.empty(shape, dtype=np.float32)
     values = ElementValues()  # the slices' pixel descriptions repeat: converted once
     by_member: dict[int, list[int]] = defaultdict(list)
     for index, header in enumerate(headers):
@@ -768,19 +888,17 @@ def assemble(
             targets = [i for _, i in numbered] if numbered else indices
             with _member_pixels(source, member, frame_numbers, scratch, parsed, values) as planes:
                 for index, pixels in zip(targets, planes, strict=True):
-                    if pixels.shape != (rows, columns):
+                    if pixels.shape != shape[1:]:
                         raise unreadable("DICOM", f"decoded pixel data has shape {pixels.shape}")
                     header = headers[index]
-                    _rescale(pixels, header.slope, header.intercept, out=stack[slot[index]])
+                    rescale(pixels, header.slope, header.intercept, out=stack[slot[index]])
     except ProblemError:
         raise
     except MemoryError:
         raise
     except Exception as error:  # a decoder failing on corrupt or truncated pixel data
         raise unreadable("DICOM pixel", error) from error
-    # (slices, rows, columns) -> (columns, rows, slices): axis 0 along the row cosine. A transposed
-    # view, Fortran-contiguous like the arrays nibabel returns for NIfTI; no copy.
-    return Volume(hu=np.transpose(stack, (2, 1, 0)), affine=geometry.affine)
+    return stack
 
 
 def read_evidence(source: MemberSource, headers: list[InstanceHeader]) -> tuple[Dataset, ...]:

@@ -10,6 +10,8 @@ from headct.volume import Volume
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+    from headct.preprocess import SourcePlaneStats
+
 #: A warning is ``(code, detail)``; it ends up in the response's ``warnings``.
 ScanWarning = tuple[str, str]
 
@@ -95,6 +97,8 @@ class DecodedScan:
         evidence: the chosen series' instances without pixel data, only when the caller asked for them
             (a DICOM SR answer is filed under the source's patient and study, so these hold the patient
             identifiers that nothing else here carries; never logged).
+        plane_stats: `headct.preprocess.source_plane_stats` of the volume, when the decoder gathered
+            them while writing it (validation and preprocessing then need not read it again).
     """
 
     volume: Volume
@@ -104,3 +108,4 @@ class DecodedScan:
     warnings: list[ScanWarning] = field(default_factory=list)
     dicom: DicomInfo | None = None
     evidence: tuple[Dataset, ...] = ()
+    plane_stats: SourcePlaneStats | None = None

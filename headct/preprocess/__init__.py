@@ -36,7 +36,8 @@ Where things are (each module imports only from the ones above it):
 `steps`        the reference steps of the table above (the first five), one function each, with the
                geometry (`ras_geometry`, `monai_output_grid`) and `foreground_bbox`
 `fused`        the production path: `preprocess`, `preprocess_with_info` / `PreprocessInfo`,
-               `window_area_resize`, the source read (`source_plane_stats`) and the crop before
+               `window_area_resize`, the source read (`source_plane_stats`, or `PlaneStatsBuilder` while a
+               decoder writes the volume) and the crop before
                resampling (`candidate_region`)
 =============  =======================================================================================
 
@@ -55,13 +56,16 @@ from headct.preprocess.errors import (
     VolumeTooLargeError,
 )
 from headct.preprocess.fused import (
+    PlaneStatsBuilder,
     PreprocessInfo,
     SourcePlaneStats,
     candidate_region,
+    outer_axis,
     preprocess,
     preprocess_with_info,
     source_foreground_box,
     source_plane_stats,
+    stats_describe,
     window_area_resize,
 )
 from headct.preprocess.linear import apply_along_axis, area_matrix, resample_planes, spline_matrix
@@ -119,6 +123,7 @@ __all__ = [
     "AxisSampling",
     "InvalidVolumeError",
     "NoForegroundError",
+    "PlaneStatsBuilder",
     "PreprocessInfo",
     "PreprocessingError",
     "SourcePlaneStats",
@@ -130,6 +135,7 @@ __all__ = [
     "crop_foreground",
     "foreground_bbox",
     "monai_output_grid",
+    "outer_axis",
     "preprocess",
     "preprocess_with_info",
     "ras_geometry",
@@ -141,6 +147,7 @@ __all__ = [
     "source_plane_stats",
     "source_sampling",
     "spline_matrix",
+    "stats_describe",
     "window_area_resize",
     "window_channels",
 ]

@@ -89,19 +89,64 @@ class SourcePlaneStats:
     max_over_planes: np.ndarray  #: element-wise max of all planes, shape of one plane
 
 
+def outer_axis(hu: np.ndarray) -> int:
+    """The axis `source_plane_stats` reads planes along: the one with the largest stride in memory."""
+    return int(np.argmax(np.abs(hu.strides)))
+
+
+class PlaneStatsBuilder:
+    """`SourcePlaneStats` gathered one plane at a time, in any order: a decoder that writes a volume
+    plane by plane adds each plane while it is still in cache, and the volume is not read again."""
+
+    def __init__(self, outer: int, n_planes: int) -> None:
+        self.outer_axis = outer
+        self._plane_max = np.empty(n_planes, dtype=np.float64)
+        self._plane_min = np.empty(n_planes, dtype=np.float64)
+        self._added = np.zeros(n_planes, dtype=bool)
+        self._max_over: np.ndarray | None = None
+
+    def add(self, k: int, plane: np.ndarray) -> None:
+        """Plane `k` along the outer axis (``np.moveaxis(hu, outer, 0)[k]``)."""
+        self._plane_max[k] = plane.max()
+        self._plane_min[k] = plane.min()
+        self._added[k] = True
+        if self._max_over is None:
+            self._max_over = plane.copy(order="K")  # same memory order as the planes: a streaming max
+        else:
+            np.maximum(self._max_over, plane, out=self._max_over)
+
+    def result(self) -> SourcePlaneStats | None:
+        """The statistics, once every plane was added (None before)."""
+        if self._max_over is None or not self._added.all():
+            return None
+        return SourcePlaneStats(self.outer_axis, self._plane_max, self._plane_min, self._max_over)
+
+
 def source_plane_stats(hu: np.ndarray) -> SourcePlaneStats:
     """`SourcePlaneStats` of `hu` (any strides) in one pass: each plane is read from memory once and
     reduced three ways while in cache (a moved-axis ``reshape`` would copy the whole volume)."""
-    outer = int(np.argmax(np.abs(hu.strides)))
+    outer = outer_axis(hu)
     planes = np.moveaxis(hu, outer, 0)
-    max_over = planes[0].copy(order="K")  # same memory order as the planes: a streaming max
-    plane_max = np.empty(planes.shape[0], dtype=np.float64)
-    plane_min = np.empty(planes.shape[0], dtype=np.float64)
+    builder = PlaneStatsBuilder(outer, planes.shape[0])
     for k, plane in enumerate(planes):
-        plane_max[k] = plane.max()
-        plane_min[k] = plane.min()
-        np.maximum(max_over, plane, out=max_over)
-    return SourcePlaneStats(outer, plane_max, plane_min, max_over)
+        builder.add(k, plane)
+    stats = builder.result()
+    assert stats is not None  # (every plane was added)
+    return stats
+
+
+def stats_describe(stats: SourcePlaneStats | None, hu: np.ndarray) -> bool:
+    """Whether `stats` (e.g. a decoder's) are `source_plane_stats(hu)`'s shape: same outer axis, plane
+    count and plane shape."""
+    if stats is None:
+        return False
+    outer = outer_axis(hu)
+    plane_shape = tuple(n for axis, n in enumerate(hu.shape) if axis != outer)
+    return (
+        stats.outer_axis == outer
+        and stats.plane_max.shape == (hu.shape[outer],)
+        and stats.max_over_planes.shape == plane_shape
+    )
 
 
 def _check_finite(stats: SourcePlaneStats) -> None:

@@ -99,7 +99,7 @@ def test_each_member_is_read_once_and_the_volume_is_unchanged(
             parsed = dicom.ParsedMembers(budget)
             headers, _ = dicom.read_headers(source, parsed)
             geometry = dicom.series_geometry(headers)
-            volumes.append(dicom.assemble(source, headers, geometry, IngestLimits(), tmp_path, parsed))
+            volumes.append(dicom.assemble(source, headers, geometry, IngestLimits(), tmp_path, parsed)[0])
             assert set(source.reads.values()) == ({1} if budget else {2}), source.reads
     np.testing.assert_array_equal(volumes[0].hu, volumes[1].hu)
     np.testing.assert_array_equal(volumes[0].affine, volumes[1].affine)

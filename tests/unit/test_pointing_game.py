@@ -47,10 +47,13 @@ def test_dilation_reaches_neighbouring_cells_and_affines_are_followed() -> None:
     assert np.argwhere(cells).tolist() == [[2, 3, 3]]
 
 
-# Measured on the demo model (build/demo/checkpoints, `make demo`) with the first 10 held-out cases per
-# task; with 20 per task the script gives hemorrhage 20/20 and edema 18/20 (cases 9 and 17 miss).
-EXPECTED_HITS = {"hemorrhage": 10, "edema": 9}  # edema case 9 misses
-CASES = 10
+# Measured on the demo model (build/demo/checkpoints, `make demo`) with the first 20 held-out cases per
+# task: hemorrhage 20/20 and edema 18/20 (cases 9 and 17 miss) where it was first trained. The demo is
+# trained afresh on each machine and float rounding differs between CPUs: an AMD EPYC host's model got
+# 20/20 and 17/20 (with 10 cases its edema 8/10 fell below the target by sampling alone). Floors, then,
+# one case below the first machine's; the target rate holds on both.
+EXPECTED_HITS = {"hemorrhage": 19, "edema": 17}
+CASES = 20
 
 
 @pytest.mark.skipif(
@@ -60,6 +63,8 @@ CASES = 10
 def test_demo_model_pointing_game_hit_rates() -> None:
     scores = pointing_game.run(REPOSITORY, MODEL_NAME, cases=CASES)
     print(pointing_game.summary(scores))
-    assert {task: score.hits for task, score in scores.items()} == EXPECTED_HITS
+    hits = {task: score.hits for task, score in scores.items()}
+    assert hits.keys() == EXPECTED_HITS.keys()
+    assert all(hits[task] >= floor for task, floor in EXPECTED_HITS.items()), hits
     for score in scores.values():
         assert score.rate >= pointing_game.TARGET_HIT_RATE

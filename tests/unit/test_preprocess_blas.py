@@ -45,10 +45,12 @@ def reference_resample_planes(x: np.ndarray, row_matrix: np.ndarray, col_matrix:
 
 
 @pytest.mark.parametrize("n_in", [97, 131, 180, 217, 256])
-def test_row_band_product_slab_by_slab_equals_one_dense_product_bit_for_bit(n_in: int) -> None:
+def test_row_band_product_slab_by_slab_equals_one_dense_product_to_the_last_bits(n_in: int) -> None:
     """As `window_area_resize` uses it: the area map to 96 along the innermost axis, one output slab
     (3 windows x 96 rows) at a time, against the earlier single product over all slabs (dense: a head
-    crop is at most `DENSE_INNER_MAX` wide)."""
+    crop is at most `DENSE_INNER_MAX` wide). Bit for bit on the Intel host where it was written; on an
+    AMD EPYC host the same OpenBLAS wheel sums some of them in another order (up to 2 float32 ulp, on
+    3-10 % of the values, none for n_in 97): `RowBandProduct`'s docstring says why that is allowed."""
     rng = np.random.default_rng(n_in)
     matrix = area_matrix(n_in, 96).astype(np.float64)
     slab_rows, slabs = 3 * 96, 24
@@ -59,7 +61,9 @@ def test_row_band_product_slab_by_slab_equals_one_dense_product_bit_for_bit(n_in
     for i in range(slabs):
         rows = slice(i * slab_rows, (i + 1) * slab_rows)
         product(x[rows], by_slab[rows])
-    assert by_slab.tobytes() == whole.tobytes()
+    ulp = np.abs(by_slab.view(np.int32).astype(np.int64) - whole.view(np.int32))  # (all values > 0)
+    assert ulp.max() <= 2
+    assert np.mean(ulp > 0) < 0.15
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,9 @@ def test_a_preprocessing_error_becomes_its_catalogue_problem(
 
     volume = types.SimpleNamespace(hu=types.SimpleNamespace(size=1))
     monkeypatch.setattr(
-        prediction, "decode_upload", lambda *args, **kwargs: types.SimpleNamespace(volume=volume)
+        prediction,
+        "decode_upload",
+        lambda *args, **kwargs: types.SimpleNamespace(volume=volume, plane_stats=None),
     )
     monkeypatch.setattr(prediction, "source_plane_stats", lambda hu: None)
     monkeypatch.setattr(prediction, "validate", lambda scan, stats=None: [])
