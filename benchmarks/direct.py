@@ -12,19 +12,15 @@ import numpy as np
 import tritonclient.grpc as grpc_sync
 import tritonclient.grpc.aio as grpc_aio
 
-from api.ingest import decode_upload
-from api.ingest.validation import validate
+from api.inference.pipeline import prepare_scan
 from benchmarks.load import Sender
 from headct import contract
-from headct.preprocess import preprocess, source_plane_stats
 
 
 def prepare_file(path: str, content_type: str) -> np.ndarray:
-    """decode -> validate -> preprocess, exactly the gateway's CPU stages (top-level: picklable for pools)."""
-    scan = decode_upload(Path(path), content_type)
-    stats = source_plane_stats(scan.volume.hu)  # one read for both, as the worker does
-    validate(scan, stats)
-    return preprocess(scan.volume, stats)
+    """decode -> validate -> preprocess: the gateway worker's own function, so the baseline has its
+    stages exactly, its reused volume memory included (top-level: picklable for pools)."""
+    return prepare_scan(path, content_type, None)[1]
 
 
 def timed_prepare(path: str, content_type: str) -> tuple[np.ndarray, float]:

@@ -18,6 +18,9 @@ Levers (same bytes, side by side, median CPU seconds per scan):
 - ``gzip``: `gzip.open` (before) vs ISA-L's `igzip.open`, reading the whole .nii.gz;
 - ``dicom_pixels``: pydicom's ``pixel_array`` (before) vs the plane read straight from the pixel bytes
   (`api.ingest.dicom._native_plane`), uncompressed 16-bit slices;
+- ``dicom_stack``: a zip's pixel bytes kept per dataset and rescaled into a new float32 stack, its
+  plane statistics read afterwards (before) vs copied into a reused `VolumeMemory` and widened there,
+  the statistics gathered slice by slice (after; `api.ingest.volume_memory.StoredPlanes`);
 - ``dicom_headers``: the header pass with ``specific_tags`` as keywords and every value converted per
   member (before) vs tags built once and the values a series repeats converted once per upload
   (`api.ingest.dicom.ElementValues`);
@@ -28,7 +31,10 @@ Levers (same bytes, side by side, median CPU seconds per scan):
 - ``result_transfer_wall``: wall seconds for the model input to come back from a worker, pickled
   through the pipe (before) vs a shared-memory slot (`api.inference.shared_arrays`);
 - ``nifti_voxels``: nibabel's scaled read ``np.array(proxy, float32)`` (before) vs the stored array
-  read into a numpy buffer and cast (`api.ingest.nifti._voxels_float32`), for an unscaled int16 volume.
+  read into a numpy buffer and cast (`api.ingest.nifti._voxels_float32`), for an unscaled int16 volume;
+- ``volume_memory``: a NIfTI.gz's voxels read whole into a new buffer and cast into a new array (before)
+  vs read in chunks into a reused `api.ingest.volume_memory.VolumeMemory` and widened in place, the
+  plane statistics gathered on the way (after).
 
 Limits: MB/s of pixels for a memcpy of the volume's int16 pixels, zlib and ISA-L inflate of them.
 
@@ -223,18 +229,76 @@ def _gzip(path: Path, repeats: int) -> dict[str, float]:
 def _nifti_voxels(path: Path, repeats: int) -> dict[str, float]:
     import nibabel as nib
 
-    from api.ingest.nifti import _voxels_float32
+    from api.ingest.nifti import _voxels_float32, squeeze_to_3d
 
     image = nib.load(path, mmap=False)  # raw NIfTI: both read the voxels from the file each time
+    spatial = squeeze_to_3d(image.shape)
 
     def ours() -> None:
         with path.open("rb") as handle:
-            _voxels_float32(handle, image.dataobj)
+            _voxels_float32(handle, image.dataobj, spatial)
 
     return {
         "before_s": _cpu(lambda: np.array(image.dataobj, dtype=np.float32, copy=True), repeats),
         "after_s": _cpu(ours, repeats),
     }
+
+
+def _volume_memory(path: Path, repeats: int) -> dict[str, float]:
+    """A NIfTI.gz's voxels read whole into a new buffer and cast into a new float32 array (before) vs
+    read in chunks into a reused `VolumeMemory` and widened there, gathering the plane statistics
+    (after; what a worker does)."""
+    import nibabel as nib
+    from isal import igzip
+
+    from api.ingest.nifti import _stored_array, _voxels_float32, squeeze_to_3d
+    from api.ingest.volume_memory import VolumeMemory
+
+    proxy = nib.load(path, mmap=False).dataobj
+    spatial = squeeze_to_3d(proxy.shape)
+    memory = VolumeMemory(4 * int(np.prod(spatial)))
+
+    def before() -> None:
+        with igzip.open(path, "rb") as handle:
+            _stored_array(handle, proxy).astype(np.float32)
+
+    def after() -> None:
+        with igzip.open(path, "rb") as handle:
+            _voxels_float32(handle, proxy, spatial, memory)
+
+    return {"before_s": _cpu(before, repeats), "after_s": _cpu(after, repeats)}
+
+
+def _dicom_stack(path: Path, repeats: int) -> dict[str, float]:
+    """The header pass + pixel pass of a DICOM zip, then the volume's plane statistics: each plane's
+    pixel bytes kept in its dataset and rescaled into a new float32 stack, the statistics read from it
+    afterwards (before) vs the planes copied into a reused `VolumeMemory` and widened there in slice
+    order, the statistics gathered slice by slice (after)."""
+    import tempfile
+
+    from api.ingest import dicom
+    from api.ingest.members import ZipSource
+    from api.ingest.scan import DEFAULT_LIMITS
+    from api.ingest.volume_memory import VolumeMemory
+    from headct.preprocess import source_plane_stats
+
+    memory = VolumeMemory(4 * DEFAULT_LIMITS.max_voxels)
+
+    def decode(in_place: bool) -> Callable[[], None]:
+        def run() -> None:
+            with tempfile.TemporaryDirectory() as scratch, ZipSource(path, DEFAULT_LIMITS) as source:
+                parsed = dicom.ParsedMembers(planes=memory.planes() if in_place else None)
+                headers, _ = dicom.read_headers(source, parsed)
+                geometry = dicom.series_geometry(headers)
+                volume, stats = dicom.assemble(
+                    source, headers, geometry, DEFAULT_LIMITS, Path(scratch), parsed
+                )
+                if stats is None:
+                    source_plane_stats(volume.hu)
+
+        return run
+
+    return {"before_s": _cpu(decode(False), repeats), "after_s": _cpu(decode(True), repeats)}
 
 
 def _dicom_pixels(path: Path, repeats: int) -> dict[str, float]:
@@ -331,8 +395,10 @@ def levers(files: dict[str, Path], repeats: int) -> dict[str, dict[str, float]]:
         "dicom_parse": _dicom_parse(files["dicom_zip_deflated"], repeats),
         "dicom_headers": _dicom_headers(files["dicom_zip_deflated"], repeats),
         "dicom_pixels": _dicom_pixels(files["dicom_zip_deflated"], repeats),
+        "dicom_stack": _dicom_stack(files["dicom_zip_deflated"], repeats),
         "gzip": _gzip(files["nifti_gz"], repeats),
         "nifti_voxels": _nifti_voxels(files["nifti_raw"], repeats),
+        "volume_memory": _volume_memory(files["nifti_gz"], repeats),
         "validate": _validate(files["nifti_raw"], repeats),
         "volume_reads": _volume_reads(files["nifti_raw"], repeats),
         "result_transfer_wall": _result_transfer(repeats),

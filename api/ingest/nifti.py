@@ -25,7 +25,7 @@ from api.problems import ProblemCode, ProblemError
 from headct.preprocess import PlaneStatsBuilder, SourcePlaneStats, outer_axis
 from headct.volume import Volume
 
-_READ_CHUNK_BYTES: Final = 8 << 20
+_READ_CHUNK_BYTES: Final = 1 << 20
 
 
 def squeeze_to_3d(data_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ instead of being faulted in and zeroed afresh. A volume built in it is valid unt
 from __future__ import annotations
 
 import mmap
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -35,7 +36,7 @@ import numpy as np
 VOLUME_MEMORY_KEEP_BYTES: Final = 256 << 20
 # Linux's MAP_NORESERVE (the mmap module does not export it): the map is address space only, its
 # pages are counted when touched, so a map sized for the largest allowed series costs nothing up front.
-_MAP_NORESERVE: Final = 0x4000
+_MAP_NORESERVE: Final = 0x4000 if sys.platform.startswith("linux") else 0
 _HUGE_PAGE: Final = 2 << 20
 #: Elements widened at a time (1 MiB of float32): small enough to stay in cache.
 _WIDEN_BLOCK: Final = 1 << 18
