@@ -116,11 +116,13 @@ def single_threaded_blas() -> None:
 
 
 def reuse_freed_memory() -> bool:
-    """Lets a worker reuse the memory of its last scan. Every scan allocates and frees again ~2x its
-    stored size in buffers of a slice each (zip members, pixel data copies). glibc's defaults serve
-    them from fresh mmap pages once freed ones were returned (its thresholds move with the traffic)
-    and trim the heap after each scan, so every scan faulted ~200 MB back in, 4 KiB at a time: 51,000
-    page faults and ~90 ms of system CPU for a 1 mm DICOM series, a third of its decoding. Fixed
+    """Lets a worker reuse the memory of its last scan. Every scan allocates and frees again its stored
+    size or more in buffers of a slice each (zip members; pixel data other than uncompressed 16-bit
+    planes, which go to `api.ingest.volume_memory`). glibc's defaults serve them from fresh mmap pages
+    once freed ones were returned (its thresholds move with the traffic) and trim the heap after each
+    scan, so every scan faulted ~200 MB back in, 4 KiB at a time: 51,000 page faults and ~90 ms of
+    system CPU for a 1 mm DICOM series, a third of its decoding (measured before those planes moved
+    out of the heap). Fixed
     thresholds keep up to `WORKER_HEAP_RETAIN_BYTES` of freed heap in the process (idle RSS grows by
     about one scan's buffers; the peak does not). False where the C library is not glibc (no-op)."""
     try:

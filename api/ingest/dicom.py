@@ -6,14 +6,17 @@ Two passes, each member read and parsed once:
    for a whitelist of tags (`HEADER_TAGS`) and its pixel data (`PIXEL_TAGS`); an Enhanced / Legacy
    Enhanced CT multi-frame object becomes one `InstanceHeader` per frame (per-frame functional groups
    first, shared ones as fallback). Files that are not DICOM (README, DICOMDIR, ``.DS_Store``) are
-   skipped and counted. The parsed datasets are kept (`ParsedMembers`) up to a byte budget for the
-   pixel pass; members beyond it, and members too large to read whole, are parsed up to their pixel
-   data only and read again in the pixel pass. The header values a series repeats from slice to
-   slice (most of them) are converted from their bytes once per upload (`ElementValues`).
-2. **pixels** (`assemble`), for the selected series only: after the geometry checks pass, each
-   slice is decoded (pydicom with the pylibjpeg / pyjpegls plugins: JPEG Lossless, JPEG baseline /
-   extended, JPEG-LS, JPEG 2000, HTJ2K, RLE, deflated, native) and converted to HU with its own
-   RescaleSlope / RescaleIntercept into one preallocated float32 array.
+   skipped and counted. What the pixel pass needs is kept (`ParsedMembers`) up to a byte budget: an
+   uncompressed 16-bit plane is copied straight from the member's bytes into `StoredPlanes` (pydicom
+   defers the pixel data), any other member's dataset is kept with its pixel data; members beyond
+   the budget, and members too large to read whole, are parsed up to their pixel data only and read
+   again in the pixel pass. The header values a series repeats from slice to slice (most of them)
+   are converted from their bytes once per upload (`ElementValues`).
+2. **pixels** (`assemble`), for the selected series only: after the geometry checks pass, the stored
+   planes become the float32 stack in place (`StoredPlanes.stack`) when the header pass stored them
+   all; otherwise each slice is decoded (pydicom with the pylibjpeg / pyjpegls plugins: JPEG
+   Lossless, JPEG baseline / extended, JPEG-LS, JPEG 2000, HTJ2K, RLE, deflated, native) and
+   converted to HU with its own RescaleSlope / RescaleIntercept into one preallocated float32 array.
 
 Patient identifiers: PatientName, PatientID, PatientBirthDate and AccessionNumber are read only to
 redact free-text descriptions that contain them (a technologist may type a name into a series
