@@ -31,6 +31,8 @@ def _assert_same_stats(stats: SourcePlaneStats | None, hu: np.ndarray) -> None:
     np.testing.assert_array_equal(stats.plane_max, expected.plane_max)
     np.testing.assert_array_equal(stats.plane_min, expected.plane_min)
     np.testing.assert_array_equal(stats.max_over_planes, expected.max_over_planes)
+    assert stats.max_over_planes.dtype == expected.max_over_planes.dtype
+    assert stats.max_over_planes.strides == expected.max_over_planes.strides
 
 
 def _planes(count: int, dtype: str, seed: int) -> list[np.ndarray]:
@@ -177,8 +179,12 @@ def test_widening_in_place_gives_astypes_values(dtype: str, count: int) -> None:
     np.testing.assert_array_equal(widened, values.astype(np.float32))
 
 
-def test_a_nifti_volume_is_widened_in_the_memory_with_the_same_values(tmp_path: Path, head: Volume) -> None:
-    stored = np.rint(head.hu).astype(np.int16)
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", "<f4"])
+def test_a_nifti_volume_is_widened_in_the_memory_with_the_same_values(
+    tmp_path: Path, head: Volume, dtype: str
+) -> None:
+    offset = 1024 if dtype == "<u2" else 0  # (unsigned: stored values shifted up, read as they are)
+    stored = (np.rint(head.hu) + offset).astype(dtype)
     path = tmp_path / "head.nii.gz"
     nib.save(nib.Nifti1Image(stored, head.affine), path)
     memory = VolumeMemory(1 << 28)
