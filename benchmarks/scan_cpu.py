@@ -277,12 +277,13 @@ def _dicom_stack(path: Path, repeats: int) -> dict[str, float]:
     import tempfile
 
     from api.ingest import dicom
+    from api.ingest.decode import volume_memory_bytes
     from api.ingest.members import ZipSource
     from api.ingest.scan import DEFAULT_LIMITS
     from api.ingest.volume_memory import VolumeMemory
     from headct.preprocess import source_plane_stats
 
-    memory = VolumeMemory(4 * DEFAULT_LIMITS.max_voxels)
+    memory = VolumeMemory(volume_memory_bytes(DEFAULT_LIMITS))
 
     def decode(in_place: bool) -> Callable[[], None]:
         def run() -> None:

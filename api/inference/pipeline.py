@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from api.ingest import DecodedScan, decode_upload
-from api.ingest.dicom import PARSED_MEMBERS_BUDGET_BYTES
+from api.ingest.decode import volume_memory_bytes
 from api.ingest.scan import DEFAULT_LIMITS, IngestLimits
 from api.ingest.validation import validate
 from api.ingest.volume_memory import ProcessVolumeMemory
@@ -56,8 +56,7 @@ def prepare_scan(
         last = now
 
     limits = limits or DEFAULT_LIMITS
-    capacity = max(PARSED_MEMBERS_BUDGET_BYTES, 4 * limits.max_voxels)
-    with VOLUME_MEMORY.lend(capacity) as memory:
+    with VOLUME_MEMORY.lend(volume_memory_bytes(limits)) as memory:
         scan = decode_upload(
             Path(upload), content_type, series_uid=series_uid, limits=limits, evidence=evidence, memory=memory
         )
@@ -75,5 +74,5 @@ def prepare_scan(
         except PreprocessingError as error:
             raise ProblemError(ProblemCode.from_code(error.code), str(error)) from None
         lap("preprocess")
-        # (the volume lives in the worker's series memory: only what is built from it leaves the block)
+        # (the volume lives in the worker's volume memory: only what is built from it leaves the block)
         return without_voxels(scan), np.ascontiguousarray(image, dtype=np.float16), warnings, seconds

@@ -43,12 +43,18 @@ class DecodeOptions:
     memory: VolumeMemory | None
 
 
+def volume_memory_bytes(limits: IngestLimits) -> int:
+    """The `VolumeMemory` a decode under `limits` may need: a DICOM upload's stored planes (at most the
+    header pass's budget) or the largest volume allowed, as float32."""
+    return max(dicom.PARSED_MEMBERS_BUDGET_BYTES, 4 * limits.max_voxels)
+
+
 def decode_dicom(source: MemberSource, options: DecodeOptions) -> DecodedScan:
     """Headers of all members -> series selection -> header rules -> geometry -> pixels. The series'
     stored planes, then its HU stack, are kept in ``options.memory`` (a new one when None): the volume
     is valid until that memory is used again."""
     series_uid, limits, scratch = options.series_uid, options.limits, options.scratch
-    memory = options.memory or VolumeMemory(max(dicom.PARSED_MEMBERS_BUDGET_BYTES, 4 * limits.max_voxels))
+    memory = options.memory or VolumeMemory(volume_memory_bytes(limits))
     parsed = dicom.ParsedMembers(planes=memory.planes())
     headers, skipped = dicom.read_headers(source, parsed)
     if not headers:

@@ -508,26 +508,12 @@ def _parse_member(
     force = data[128:132] != b"DICM"
     try:
         if whole:
-            # Values over _DEFER_BYTES are left in `data` (pydicom notes where): the pixel data is then
-            # copied once, straight into the stored planes, instead of into a bytes object of its own.
-            ds = pydicom.dcmread(
-                io.BytesIO(data),
-                specific_tags=_HEADER_AND_PIXEL_TAG_VALUES,
-                force=force,
-                defer_size=_DEFER_BYTES,
-            )
-            # The dataset holds its values (the deferred ones are filled in below): without this it
-            # would also keep the whole member's bytes (FileDataset.buffer).
-            if isinstance(ds, FileDataset):
-                ds.buffer = None
-            if _transfer_syntax(ds, values) == DeflatedExplicitVRLittleEndian:
+            ds = _read_whole(data, force, defer=True)
+            transfer_syntax = _transfer_syntax(ds, values)
+            if transfer_syntax == DeflatedExplicitVRLittleEndian:
                 # pydicom parsed an inflated copy: the deferred values' offsets are not offsets in `data`
-                ds = pydicom.dcmread(
-                    io.BytesIO(data), specific_tags=_HEADER_AND_PIXEL_TAG_VALUES, force=force
-                )
-                if isinstance(ds, FileDataset):
-                    ds.buffer = None
-            _keep_pixels(ds, member, data, parsed, values)
+                ds = _read_whole(data, force, defer=False)
+            _keep_pixels(ds, member, data, transfer_syntax, parsed, values)
             return ds
         with source.open(member) as handle:
             return pydicom.dcmread(
@@ -539,7 +525,25 @@ def _parse_member(
         return None
 
 
-def _keep_pixels(ds: Dataset, member: int, data: bytes, parsed: ParsedMembers, values: ElementValues) -> None:
+def _read_whole(data: bytes, force: bool, *, defer: bool) -> Dataset:
+    """A whole member's header and pixel tags. With `defer`, values over `_DEFER_BYTES` are left in
+    `data` (pydicom notes where they start; `_keep_pixels` fills them in): the pixel data is then
+    copied once, straight into the stored planes, instead of into a bytes object of its own."""
+    ds = pydicom.dcmread(
+        io.BytesIO(data),
+        specific_tags=_HEADER_AND_PIXEL_TAG_VALUES,
+        force=force,
+        defer_size=_DEFER_BYTES if defer else None,
+    )
+    # The dataset holds its values: without this it would also keep the member's bytes.
+    if isinstance(ds, FileDataset):
+        ds.buffer = None
+    return ds
+
+
+def _keep_pixels(
+    ds: Dataset, member: int, data: bytes, transfer_syntax: str, parsed: ParsedMembers, values: ElementValues
+) -> None:
     """Fill in the values `dcmread` deferred from `data`. An uncompressed 16-bit plane goes to
     ``parsed.planes`` (and out of the dataset); other pixel data stays in the dataset, which `parsed`
     keeps while the budget lasts (else the pixel pass reads the member again)."""
@@ -549,7 +553,7 @@ def _keep_pixels(ds: Dataset, member: int, data: bytes, parsed: ParsedMembers, v
             continue
         start = raw.value_tell
         if tag == _PIXEL_DATA:
-            layout = _native_layout(ds, values, _transfer_syntax(ds, values))
+            layout = _native_layout(ds, values, transfer_syntax)
             if (
                 layout is not None
                 and raw.length == layout.shape[0] * layout.shape[1] * 2

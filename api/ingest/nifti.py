@@ -76,12 +76,6 @@ def _stored_array(handle: _Readable, proxy: Any) -> np.ndarray:
     return stored.view(dtype).reshape(shape, order=proxy.order)
 
 
-def _widened_in(memory: VolumeMemory | None, dtype: np.dtype, count: int) -> bool:
-    """Whether voxels of `dtype` are read into `memory` and widened there (16-bit integers, float32)."""
-    widens = (dtype.itemsize == 2 and dtype.kind in "iu") or (dtype == np.float32 and dtype.isnative)
-    return memory is not None and widens and memory.fits(count * 4)
-
-
 def _voxels_float32(
     handle: _Readable, proxy: Any, spatial: tuple[int, ...], memory: VolumeMemory | None = None
 ) -> tuple[np.ndarray, SourcePlaneStats | None]:
@@ -94,7 +88,7 @@ def _voxels_float32(
         return np.array(proxy, dtype=np.float32, copy=True).reshape(spatial, order="A"), None
     dtype, shape = np.dtype(proxy.dtype), tuple(int(n) for n in proxy.shape)
     count = int(np.prod(shape, dtype=np.int64))
-    if memory is None or not _widened_in(memory, dtype, count):
+    if memory is None or not memory.widens(dtype) or not memory.fits(count * 4):
         return _stored_array(handle, proxy).astype(np.float32).reshape(spatial, order="A"), None
     _read_voxels(handle, int(proxy.offset), memory.view(np.dtype(np.uint8), count * dtype.itemsize))
     flat = memory.view(np.dtype(np.float32), count)

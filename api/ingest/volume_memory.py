@@ -84,6 +84,11 @@ class VolumeMemory:
         self._touched = max(self._touched, offset + count * dtype.itemsize)
         return np.frombuffer(self._map, dtype=dtype, count=count, offset=offset)
 
+    @staticmethod
+    def widens(dtype: np.dtype) -> bool:
+        """Whether `widen` takes values of `dtype`: 16-bit integers, native float32."""
+        return (dtype.itemsize == 2 and dtype.kind in "iu") or (dtype == np.float32 and dtype.isnative)
+
     def widen(
         self,
         dtype: np.dtype,
@@ -95,15 +100,15 @@ class VolumeMemory:
         place for 16-bit integers, as they are for float32; a flat view of the map. Works `block`
         elements at a time (the last block may be shorter), calling ``each(b)`` once block ``b`` is
         done, while it is in cache."""
+        if not self.widens(dtype):
+            raise ValueError(f"{dtype} is not widened in place")
         out = self.view(np.dtype(np.float32), count)
         blocks = -(-count // block)
-        if dtype.itemsize == 4 and dtype.kind == "f" and dtype.isnative:
+        if dtype.itemsize == 4:  # float32 already
             if each is not None:
                 for b in range(blocks):
                     each(b)
             return out
-        if dtype.itemsize != 2 or dtype.kind not in "iu":
-            raise ValueError(f"{dtype} is not widened in place")
         stored = self.view(dtype, count)
         for b in range(blocks - 1, -1, -1):  # backwards: a block's output lies beyond its unread input
             start, end = b * block, min(count, (b + 1) * block)
