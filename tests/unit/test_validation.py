@@ -11,6 +11,7 @@ from api.ingest.validation import (
     MIN_COVERAGE_MM,
     MIN_SLICES,
     check_dicom_header,
+    eroded,
     head_volume_ml,
     validate,
 )
@@ -187,3 +188,21 @@ def test_value_range_sees_nan_and_infinity(head: Volume) -> None:
         hu = head.hu.copy()
         hu[3, 4, 5] = bad
         assert code_of(Volume(hu=hu, affine=head.affine)) == "non_finite_values"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_eroded_is_scipys_minimum_filter(seed: int) -> None:
+    """The head check's erosion equals scipy's minimum filter with outside = False: random masks and
+    radii, axes shorter than the box, radius 0, C and Fortran order."""
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    for _ in range(150):
+        shape = tuple(int(n) for n in rng.integers(1, 14, 3))
+        radii = tuple(int(r) for r in rng.integers(0, 5, 3))
+        mask = rng.random(shape) < rng.uniform(0.6, 1.0)
+        if rng.random() < 0.5:
+            mask = np.asfortranarray(mask)
+        size = tuple(2 * r + 1 for r in radii)
+        expected = ndi.minimum_filter(mask.view(np.uint8), size=size, mode="constant", cval=0)
+        np.testing.assert_array_equal(eroded(mask, radii), expected.astype(bool), err_msg=f"{shape} {radii}")
