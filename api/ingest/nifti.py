@@ -99,7 +99,9 @@ def _voxels_float32(
         # (a reshape that copied, or planes that are not whole blocks: widen, then no statistics)
         memory.widen(dtype, count)
         return flat.reshape(shape, order=proxy.order).reshape(spatial, order="A"), None
-    builder, planes = PlaneStatsBuilder(outer, volume.shape[outer]), np.moveaxis(volume, outer, 0)
+    # The statistics from each plane's stored values (exact in float32), read just before it is widened.
+    stored = memory.view(dtype, count).reshape(shape, order=proxy.order).reshape(spatial, order="A")
+    builder, planes = PlaneStatsBuilder(outer, volume.shape[outer]), np.moveaxis(stored, outer, 0)
     memory.widen(dtype, count, block=plane, each=lambda k: builder.add(k, planes[k]))
     return volume, builder.result()
 

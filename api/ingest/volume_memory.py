@@ -98,26 +98,27 @@ class VolumeMemory:
     ) -> np.ndarray:
         """The `count` elements of `dtype` at the start of the map as float32 (``astype``'s values), in
         place for 16-bit integers, as they are for float32; a flat view of the map. Works `block`
-        elements at a time (the last block may be shorter), calling ``each(b)`` once block ``b`` is
-        done, while it is in cache."""
+        elements at a time (the last block may be shorter), backwards, calling ``each(b)`` just before
+        block ``b`` is widened: its stored values are intact then, and about to be read anyway (half the
+        bytes of its float32 values to reduce), while the blocks after it are float32 already."""
         if not self.widens(dtype):
             raise ValueError(f"{dtype} is not widened in place")
         out = self.view(np.dtype(np.float32), count)
         blocks = -(-count // block)
         if dtype.itemsize == 4:  # float32 already
             if each is not None:
-                for b in range(blocks):
+                for b in range(blocks - 1, -1, -1):
                     each(b)
             return out
         stored = self.view(dtype, count)
         for b in range(blocks - 1, -1, -1):  # backwards: a block's output lies beyond its unread input
             start, end = b * block, min(count, (b + 1) * block)
+            if each is not None:
+                each(b)
             values = stored[start:end]
             if 2 * start < end:  # the first block overlaps its own output
                 values = values.copy()
             np.copyto(out[start:end], values, casting="unsafe")
-            if each is not None:
-                each(b)
         return out
 
     def fits(self, nbytes: int) -> bool:

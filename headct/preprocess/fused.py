@@ -106,7 +106,8 @@ class PlaneStatsBuilder:
         self._max_over: np.ndarray | None = None
 
     def add(self, k: int, plane: np.ndarray) -> None:
-        """Plane `k` along the outer axis (``np.moveaxis(hu, outer, 0)[k]``)."""
+        """Plane `k` along the outer axis (``np.moveaxis(hu, outer, 0)[k]``), or the values it is made
+        from in any dtype float32 holds exactly (a NIfTI's stored int16: half the bytes to reduce)."""
         self._plane_max[k] = plane.max()
         self._plane_min[k] = plane.min()
         self._added[k] = True
@@ -119,7 +120,10 @@ class PlaneStatsBuilder:
         """The statistics, once every plane was added (None before)."""
         if self._max_over is None or not self._added.all():
             return None
-        return SourcePlaneStats(self.outer_axis, self._plane_max, self._plane_min, self._max_over)
+        max_over = self._max_over
+        if max_over.dtype != np.float32:
+            max_over = max_over.astype(np.float32, order="K")
+        return SourcePlaneStats(self.outer_axis, self._plane_max, self._plane_min, max_over)
 
 
 def source_plane_stats(hu: np.ndarray) -> SourcePlaneStats:

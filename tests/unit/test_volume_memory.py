@@ -179,6 +179,27 @@ def test_widening_in_place_gives_astypes_values(dtype: str, count: int) -> None:
     np.testing.assert_array_equal(widened, values.astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["<i2", ">u2", "<f4"])
+def test_each_block_is_seen_with_its_stored_values_just_before_it_is_widened(dtype: str) -> None:
+    """`widen(each=...)`'s contract, which the NIfTI reader's statistics rely on: when ``each(b)`` runs,
+    block b still holds its stored values and every block after it is float32 already."""
+    count, block = 10 * 1000 + 7, 1000
+    values = np.random.default_rng(3).integers(-1024, 3000, count).astype(dtype)
+    memory = VolumeMemory(4 * count)
+    memory.view(np.dtype(np.uint8), values.nbytes)[:] = values.view(np.uint8)
+    stored, widened = memory.view(np.dtype(dtype), count), memory.view(np.dtype(np.float32), count)
+    seen: list[int] = []
+
+    def each(b: int) -> None:
+        start, end = b * block, min(count, (b + 1) * block)
+        np.testing.assert_array_equal(stored[start:end], values[start:end])
+        np.testing.assert_array_equal(widened[end:], values[end:].astype(np.float32))
+        seen.append(b)
+
+    memory.widen(np.dtype(dtype), count, block=block, each=each)
+    assert seen == list(range(10, -1, -1))
+
+
 @pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", "<f4"])
 def test_a_nifti_volume_is_widened_in_the_memory_with_the_same_values(
     tmp_path: Path, head: Volume, dtype: str
