@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from api.inference.shared_arrays import slot_array
 from api.ingest import DecodedScan, decode_upload
 from api.ingest.decode import volume_memory_bytes
 from api.ingest.scan import DEFAULT_LIMITS, IngestLimits
 from api.ingest.validation import validate
 from api.ingest.volume_memory import ProcessVolumeMemory
 from api.problems import ProblemCode, ProblemError
+from headct.contract import INPUT_SHAPE
 from headct.preprocess import PreprocessingError, preprocess, source_plane_stats, stats_describe
 from headct.volume import Volume
 
@@ -70,7 +72,8 @@ def prepare_scan(
         warnings = validate(scan, stats)
         lap("validate")
         try:
-            image = preprocess(scan.volume, stats)
+            # (in a pool job: straight into the shared memory it goes back through)
+            image = preprocess(scan.volume, stats, slot_array(INPUT_SHAPE, np.float16))
         except PreprocessingError as error:
             raise ProblemError(ProblemCode.from_code(error.code), str(error)) from None
         lap("preprocess")

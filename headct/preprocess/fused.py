@@ -222,6 +222,7 @@ def window_area_resize(
     size: tuple[int, int, int] = OUTPUT_SPATIAL,
     windows: tuple[tuple[float, float], ...] = WINDOWS_HU,
     dtype: type[np.floating] = np.float32,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``area_resize(window_channels(hu), size)`` with one clip per voxel and channel, and no more.
 
@@ -238,7 +239,9 @@ def window_area_resize(
     axis). Equal to the two steps up to float32 rounding (< 1e-6, tested).
 
     Returns:
-        ``(len(windows), *size)`` in `dtype` (computed in float32), C-contiguous.
+        ``(len(windows), *size)`` in `dtype` (computed in float32), C-contiguous: `out` when given
+        (that shape and dtype; e.g. the shared memory the result leaves a worker through), written
+        by the same cast.
     """
     if hu.ndim != 3:
         raise ValueError(f"window_area_resize needs a 3-D HU array, got {hu.shape}")
@@ -305,7 +308,14 @@ def window_area_resize(
         _window_means(partial, lengths, lows[:, None], widths[:, None])
     # memory order -> the caller's axis order, cast in the same copy (numpy's float16 cast is not
     # vectorised: one pass for both)
-    return partial.transpose([0, *(1 + axes.index(a) for a in range(3))]).astype(dtype, order="C")
+    result = partial.transpose([0, *(1 + axes.index(a) for a in range(3))])
+    if out is None:
+        return result.astype(dtype, order="C")
+    if out.shape != result.shape or out.dtype != np.dtype(dtype) or not out.flags.c_contiguous:
+        expected = f"C-contiguous {np.dtype(dtype)} {result.shape}"
+        raise ValueError(f"out must be {expected}, got {out.dtype} {out.shape}")
+    np.copyto(out, result, casting="same_kind")
+    return out
 
 
 # ---- the whole pipeline ------------------------------------------------------------------------
@@ -365,7 +375,7 @@ def _crop_on_region(
 
 
 def preprocess_with_info(
-    volume: Volume, stats: SourcePlaneStats | None = None
+    volume: Volume, stats: SourcePlaneStats | None = None, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, PreprocessInfo]:
     """`preprocess`, also returning a `PreprocessInfo` (shapes, crop box, per-step timings)."""
     timings: dict[str, float] = {}
@@ -412,7 +422,7 @@ def preprocess_with_info(
         t2 = time.perf_counter()
     # Resample and crop are one step here (only the crop's region is resampled).
     timings["resample_crop"] = t2 - t1
-    out = window_area_resize(cropped, OUTPUT_SPATIAL, dtype=OUTPUT_DTYPE)
+    out = window_area_resize(cropped, OUTPUT_SPATIAL, dtype=OUTPUT_DTYPE, out=out)
     timings["window_resize"] = time.perf_counter() - t2
 
     info = PreprocessInfo(
@@ -436,16 +446,19 @@ def _affine_tuple(affine: np.ndarray) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in row) for row in np.asarray(affine, dtype=np.float64))
 
 
-def preprocess(volume: Volume, stats: SourcePlaneStats | None = None) -> np.ndarray:
+def preprocess(
+    volume: Volume, stats: SourcePlaneStats | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """HU volume -> FM-HCT input: float16 ``(3, 96, 96, 96)`` in [0, 1], RAS array order.
 
     Training order (reference spec §2.1): RAS -> 1 mm cubic spline -> crop (> 0 HU) -> 3 windows ->
     area resize -> float16. The network side casts back to float32, as the training loader did.
     `stats` are ``source_plane_stats(volume.hu)`` when the caller has them already (validation reads
-    them too: one read of the volume for both); computed here otherwise.
+    them too: one read of the volume for both); computed here otherwise. With `out` (float16
+    ``(3, 96, 96, 96)``, C-contiguous) the input is written there and `out` returned.
 
     Raises:
         PreprocessingError: (``code``) ``no_foreground``, ``invalid_volume``, ``volume_too_large``.
     """
-    out, _ = preprocess_with_info(volume, stats)
-    return out
+    image, _ = preprocess_with_info(volume, stats, out)
+    return image

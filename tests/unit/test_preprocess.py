@@ -491,3 +491,15 @@ def _oblique(volume: Volume) -> Volume:
     rot = np.eye(4)
     rot[:3, :3] = Rotation.from_euler("xyz", [12, 0, 5], degrees=True).as_matrix()
     return Volume(hu=volume.hu, affine=rot @ volume.affine)
+
+
+def test_the_input_written_into_a_given_array_is_the_same() -> None:
+    """`preprocess(..., out=...)` (a worker writing into its result slot) gives the same bits as a
+    fresh array, in `out`; an `out` of another shape or dtype is refused."""
+    v = _phantom((0.9, 0.9, 2.0), fov_mm=240.0)
+    fresh = P.preprocess(v)
+    out = np.full(fresh.shape, np.nan, dtype=np.float16)
+    assert P.preprocess(v, out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint16), fresh.view(np.uint16))
+    with pytest.raises(ValueError, match="out must be"):
+        P.preprocess(v, out=np.empty(fresh.shape, dtype=np.float32))

@@ -177,7 +177,7 @@ def test_every_code_headct_can_raise_is_a_422_in_the_catalogue() -> None:
 def test_a_preprocessing_error_becomes_its_catalogue_problem(
     code: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    def fail(volume: object, stats: object = None) -> None:
+    def fail(volume: object, stats: object = None, out: object = None) -> None:
         raise PreprocessingError("cannot", code=code)
 
     volume = types.SimpleNamespace(hu=types.SimpleNamespace(size=1))

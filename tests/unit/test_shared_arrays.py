@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api.inference.shared_arrays import ArraySlots, SharedArray, call_into_slot
+from api.inference.shared_arrays import ArraySlots, SharedArray, call_into_slot, slot_array
 from api.inference.workers import RESULT_SLOT_BYTES, PreprocessPool
 
 
@@ -18,6 +18,14 @@ def scan_result(fill: float, delay_s: float = 0.0) -> tuple[str, np.ndarray, lis
     """Shaped like `prepare_scan`'s result: metadata, the fp16 model input, warnings, timings."""
     time.sleep(delay_s)
     return ("scan", np.full((3, 96, 96, 96), fill, dtype=np.float16), ["w"], {"decode": 0.1})
+
+
+def scan_result_in_slot(fill: float) -> tuple[str, np.ndarray, bool]:
+    """Like `prepare_scan` in a pool job: the model input computed straight into the job's slot."""
+    out = slot_array((3, 96, 96, 96), np.float16)
+    image = np.full((3, 96, 96, 96), fill, dtype=np.float16) if out is None else out
+    image[...] = fill
+    return ("scan", image, out is not None)
 
 
 def too_large() -> tuple[np.ndarray]:
@@ -45,6 +53,32 @@ def test_slot_round_trip_in_this_process() -> None:
         assert slots.free == 1
     finally:
         slots.close()
+
+
+def test_a_job_may_compute_its_array_in_the_slot() -> None:
+    """`slot_array` is the slot's memory during `call_into_slot` (and None outside it or when too
+    small); what the job wrote there is the result, not copied onto itself."""
+    assert slot_array((3, 96, 96, 96), np.float16) is None  # not in a job
+    slots = ArraySlots(1, RESULT_SLOT_BYTES)
+    try:
+        slot = slots.lend()
+        assert slot is not None
+        assert call_into_slot(slot, lambda: slot_array((RESULT_SLOT_BYTES + 1,), np.uint8)) is None
+        sent = call_into_slot(slot, scan_result_in_slot, 4.5)
+        assert isinstance(sent[1], SharedArray) and sent[2] is True
+        got = slots.take(sent)
+        assert got[1].shape == (3, 96, 96, 96) and np.all(got[1] == 4.5)
+        assert slot_array((3, 96, 96, 96), np.float16) is None  # the job is over
+        slots.give_back(slot)
+    finally:
+        slots.close()
+
+
+async def _test_arrays_computed_in_a_workers_slot_come_back(pool: PreprocessPool) -> None:
+    first = await pool.run(scan_result_in_slot, 1.5)
+    second = await pool.run(scan_result_in_slot, 2.5)
+    assert first[2] and second[2]  # both written in place by the worker
+    assert np.all(first[1] == 1.5) and np.all(second[1] == 2.5)  # private copies, as from the pipe
 
 
 async def _test_results_through_a_worker_are_private_copies(pool: PreprocessPool) -> None:
@@ -88,6 +122,10 @@ async def _test_shutdown_removes_the_segments(pool: PreprocessPool) -> None:
 
 def test_results_through_a_worker_are_private_copies(pool: PreprocessPool) -> None:
     asyncio.run(_test_results_through_a_worker_are_private_copies(pool))
+
+
+def test_arrays_computed_in_a_workers_slot_come_back(pool: PreprocessPool) -> None:
+    asyncio.run(_test_arrays_computed_in_a_workers_slot_come_back(pool))
 
 
 def test_an_array_larger_than_a_slot_uses_the_pipe(pool: PreprocessPool) -> None:
