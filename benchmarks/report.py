@@ -153,11 +153,13 @@ LEVERS_MEASURED_APART: tuple[str, ...] = (
     "A NIfTI's plane statistics from its stored 16-bit values just before each plane is widened "
     "(api/ingest/nifti.py), not from the widened float32: widening + statistics of the 1 mm head 19.3 "
     "-> 16.6 ms (medians of 12, alternated in one process, 2026-12-06).",
-    "The model input computed straight into the worker's shared-memory result slot (`slot_array`; "
-    "a 5.3 MB copy, ~0.5 ms, less per scan) and the upload removed while Triton runs instead of after "
-    "(~0.7 ms of unlinking off the answer's path): the gateway before and after, side by side at "
-    "concurrency 1 on the 5 mm NIfTI.gz, 150 requests each, both orders: p50 difference 0.1 ms, "
-    "below what this machine resolves (the first-started gateway alone was ~1 ms slower).",
+    "The model input computed straight into the worker's shared-memory result slot (`slot_array`): "
+    "a 5.3 MB copy (~0.5 ms) less per scan; side by side with the gateway before, at concurrency 1 on "
+    "the 5 mm NIfTI.gz (150 requests each, both orders), the p50s differ by 0.1 ms, below what this "
+    "machine resolves (the first-started gateway alone was 1-3.5 ms slower). Tried and not kept: "
+    "removing the upload while Triton runs instead of after (~0.7 ms of unlinking): +0.3 ms p50 and "
+    "+0.2 ms in the infer stage (100 requests each, both orders), the unlinking thread competing with "
+    "Triton for the cores.",
 )
 
 

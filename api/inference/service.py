@@ -271,11 +271,10 @@ class PredictionService:
                         lane=lane,
                         evidence=request.evidence,
                         readiness=readiness,
-                        keep_upload=bool(request.explain),  # the maps read it again
                     )
                     explanations = await self._explain(request, upload, prediction, selected)
                 finally:
-                    upload.unlink(missing_ok=True)  # (usually gone already: `predict` removed it)
+                    upload.unlink(missing_ok=True)
             finally:
                 readiness.cancel()  # (done by now unless the upload or `predict` failed before it)
         response = build_predict_response(
@@ -385,12 +384,9 @@ class PredictionService:
         lane: Lane = DEFAULT_LANE,
         evidence: bool = False,
         readiness: Awaitable[bool] | None = None,
-        keep_upload: bool = True,
     ) -> Prediction:
         """One scan's prediction for `tasks` (all the card's tasks when empty), in `lane`; `readiness`:
-        the model's `is_ready()` when the caller asked already. Without `keep_upload` the upload is
-        removed as soon as its worker is done with it, while Triton runs (for 7 MB, ~0.7 ms of
-        unlinking off the answer's path); the caller still removes it on every path."""
+        the model's `is_ready()` when the caller asked already."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
         if not await (readiness if readiness is not None else self.model.is_ready()):
@@ -416,8 +412,6 @@ class PredictionService:
                         prepared = await self._prepare_in_pool(
                             lane, upload, content_type, series_uid, evidence
                         )
-                        if not keep_upload:
-                            loop.run_in_executor(None, functools.partial(upload.unlink, missing_ok=True))
                         try:
                             scan, image, warnings, seconds = prepared.value
                             for stage, value in seconds.items():
