@@ -11,6 +11,7 @@ tests/faults/test_overload.py.
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import signal
@@ -227,9 +228,11 @@ def _cpu_ticks(pid: int) -> int:
 def test_killed_preprocessing_worker_fails_its_request_cleanly_and_the_pool_recovers(
     single_worker_gateway: LocalGateway,
 ) -> None:
-    # A full 1 mm head (~0.25 s of worker CPU), so the kill lands mid-scan: the small test head is
-    # done in about the time the loop below needs to see the worker start.
-    scan = to_nifti(make_head(np.random.default_rng(5), hemorrhage=True, edema=False)).to_bytes()
+    # A full 1 mm head as NIfTI.gz (~0.1 s of worker CPU: inflating 43 MB, then preprocessing), killed
+    # at the worker's first 10 ms of CPU on it, so the kill lands mid-scan. (Uncompressed, the scan
+    # took ~55 ms here once decoding and validation got faster: a kill at 50 ms could land after it.)
+    head = to_nifti(make_head(np.random.default_rng(5), hemorrhage=True, edema=False)).to_bytes()
+    scan = gzip.compress(head, compresslevel=1)
     url = single_worker_gateway.url
     assert (
         httpx.post(f"{url}/v1/predict", content=scan, headers=OCTET, timeout=HANG_GUARD_S).status_code == 200
@@ -244,9 +247,9 @@ def test_killed_preprocessing_worker_fails_its_request_cleanly_and_the_pool_reco
     )
     thread.start()
     deadline = time.monotonic() + HANG_GUARD_S
-    while _cpu_ticks(worker) < idle + 5:  # 50 ms of CPU: it is working on our scan
+    while _cpu_ticks(worker) < idle + 1:  # 10 ms of CPU: it is working on our scan
         assert time.monotonic() < deadline and thread.is_alive(), "the worker never started the scan"
-        time.sleep(0.02)
+        time.sleep(0.005)
     os.kill(worker, signal.SIGKILL)
     thread.join(HANG_GUARD_S)
     assert result, "the request hung after its worker died"
