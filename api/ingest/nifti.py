@@ -90,17 +90,21 @@ def _voxels_float32(
     count = int(np.prod(shape, dtype=np.int64))
     if memory is None or not memory.widens(dtype) or not memory.fits(count * 4):
         return _stored_array(handle, proxy).astype(np.float32).reshape(spatial, order="A"), None
+
+    def spatial_array(values: np.ndarray) -> np.ndarray:  # the flat values in the volume's axes
+        return values.reshape(shape, order=proxy.order).reshape(spatial, order="A")
+
     _read_voxels(handle, int(proxy.offset), memory.view(np.dtype(np.uint8), count * dtype.itemsize))
     flat = memory.view(np.dtype(np.float32), count)
-    volume = flat.reshape(shape, order=proxy.order).reshape(spatial, order="A")
+    volume = spatial_array(flat)
     outer = outer_axis(volume)
     plane = count // volume.shape[outer]
     if not np.shares_memory(volume, flat) or volume.strides[outer] != plane * volume.itemsize:
         # (a reshape that copied, or planes that are not whole blocks: widen, then no statistics)
         memory.widen(dtype, count)
-        return flat.reshape(shape, order=proxy.order).reshape(spatial, order="A"), None
+        return spatial_array(flat), None
     # The statistics from each plane's stored values (exact in float32), read just before it is widened.
-    stored = memory.view(dtype, count).reshape(shape, order=proxy.order).reshape(spatial, order="A")
+    stored = spatial_array(memory.view(dtype, count))
     builder, planes = PlaneStatsBuilder(outer, volume.shape[outer]), np.moveaxis(stored, outer, 0)
     memory.widen(dtype, count, block=plane, each=lambda k: builder.add(k, planes[k]))
     return volume, builder.result()
