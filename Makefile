@@ -100,11 +100,16 @@ export: setup
 
 # Starts its own Triton + gateways on free ports (runs beside `make serve`); writes benchmarks/results/ (bench-quick: benchmarks/results/quick/).
 # The last line of output is the JSON summary (keys listed in benchmarks/README.md).
+# Some hosts set OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE for older OpenBLAS builds that misbehave on their
+# CPUs; with the pinned numpy/scipy they only force older kernels (AVX2 on an AVX-512 CPU), so the
+# benchmarks run without them and record the kernels each library chose (`environment.blas` in the
+# results). Tests and `make serve` keep the environment as it is.
+BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 bench: demo
-	$(PY) -m benchmarks
+	$(BENCH_ENV) $(PY) -m benchmarks
 
 bench-quick: demo
-	$(PY) -m benchmarks --quick --out benchmarks/results/quick
+	$(BENCH_ENV) $(PY) -m benchmarks --quick --out benchmarks/results/quick
 
 # Bootstraps its own tools (helm, kubernetes-validate, checkov, promtool...) under build/tools/.
 chart-check: tools

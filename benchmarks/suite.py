@@ -431,6 +431,26 @@ def _preprocess_bench(quick: bool) -> dict[str, Any]:
         return {"skipped": f"preprocess_bench.run failed: {type(error).__name__}: {error}"}
 
 
+def blas_kernels() -> dict[str, Any]:
+    """The BLAS libraries loaded here (numpy's and scipy's OpenBLAS) with the kernels they chose, and
+    the OPENBLAS_* variables that steer them (`make bench` unsets the core-type ones)."""
+    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, the one preprocessing uses)
+    from threadpoolctl import threadpool_info
+
+    return {
+        "libraries": [
+            {
+                "library": Path(str(info.get("filepath", ""))).name,
+                "version": info.get("version"),
+                "architecture": info.get("architecture"),
+            }
+            for info in threadpool_info()
+            if info.get("user_api") == "blas"
+        ],
+        "env": {name: value for name, value in sorted(os.environ.items()) if name.startswith("OPENBLAS_")},
+    }
+
+
 def environment() -> dict[str, Any]:
     from importlib import metadata
 
@@ -451,6 +471,7 @@ def environment() -> dict[str, Any]:
             versions[package] = None
     return {
         "cpu_count": os.cpu_count(),
+        "blas": blas_kernels(),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -7,8 +7,9 @@ voxel) beside them, ~310 MB at the peak for 200 slices of 512x512. Here the stor
 as they are read, one after the other into one anonymous memory map (`StoredPlanes.add`); once the
 geometry is known they are put in slice order and widened to float32 HU *in the same pages*
 (`StoredPlanes.stack`), so the stack costs no memory beyond its own, and nothing else is left to free.
-A NIfTI file's 16-bit voxels are read into the map and widened there the same way (`VolumeMemory.widen`);
-float32 voxels are used where they were read.
+A NIfTI file's voxels are read a few planes at a time and written into the map as float32
+(`api.ingest.nifti`), or, when its planes are not whole blocks of memory, read into the map and widened
+there the same way (`VolumeMemory.widen`).
 
 Widening in place works backwards: float32 element ``i`` occupies the bytes of 16-bit elements ``2i``
 and ``2i + 1``, which for ``i >= 1`` lie beyond element ``i`` and were therefore widened already.
@@ -89,32 +90,20 @@ class VolumeMemory:
         """Whether `widen` takes values of `dtype`: 16-bit integers, native float32."""
         return (dtype.itemsize == 2 and dtype.kind in "iu") or (dtype == np.float32 and dtype.isnative)
 
-    def widen(
-        self,
-        dtype: np.dtype,
-        count: int,
-        block: int = _WIDEN_BLOCK,
-        each: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
+    def widen(self, dtype: np.dtype, count: int, block: int = _WIDEN_BLOCK) -> np.ndarray:
         """The `count` elements of `dtype` at the start of the map as float32 (``astype``'s values), in
         place for 16-bit integers, as they are for float32; a flat view of the map. Works `block`
-        elements at a time (the last block may be shorter), backwards, calling ``each(b)`` just before
-        block ``b`` is widened: its stored values are intact then, and about to be read anyway (half the
-        bytes of its float32 values to reduce), while the blocks after it are float32 already."""
+        elements at a time (the last block may be shorter), backwards."""
         if not self.widens(dtype):
             raise ValueError(f"{dtype} is not widened in place")
         out = self.view(np.dtype(np.float32), count)
-        blocks = -(-count // block)
         if dtype.itemsize == 4:  # float32 already
-            if each is not None:
-                for b in range(blocks - 1, -1, -1):
-                    each(b)
             return out
         stored = self.view(dtype, count)
-        for b in range(blocks - 1, -1, -1):  # backwards: a block's output lies beyond its unread input
+        for b in range(
+            -(-count // block) - 1, -1, -1
+        ):  # backwards: a block's output lies beyond its unread input
             start, end = b * block, min(count, (b + 1) * block)
-            if each is not None:
-                each(b)
             values = stored[start:end]
             if 2 * start < end:  # the first block overlaps its own output
                 values = values.copy()

@@ -111,6 +111,27 @@ def test_write_all_writes_json_report_and_plots(tmp_path: Path) -> None:
     assert (tmp_path / "latency_vs_concurrency.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize(
+    ("env", "chooser"),
+    [
+        ({}, "OpenBLAS's own choice for this CPU"),
+        ({"OPENBLAS_CORETYPE": "Haswell"}, "forced by OPENBLAS_CORETYPE=Haswell"),
+    ],
+)
+def test_the_report_names_the_blas_kernels_and_who_chose_them(env: dict[str, str], chooser: str) -> None:
+    """A run's absolute CPU figures depend on the BLAS kernels: the header says which ran and why."""
+    results = _results(overhead=1.0, rss=900.0)
+    results["environment"] = {
+        "cpu_count": 2,
+        "load_avg_at_start": [0.5, 0.5, 0.5],
+        "blas": {"libraries": [{"library": "libscipy_openblas.so", "architecture": "SkylakeX"}], "env": env},
+    }
+    markdown = report.render_markdown(results)
+    assert f"BLAS kernels ({chooser}): libscipy_openblas.so: SkylakeX." in markdown
+    del results["environment"]["blas"]  # (results written before the kernels were recorded)
+    assert "BLAS kernels" not in report.render_markdown(results)
+
+
 def test_analytic_flops_match_the_reference_figure() -> None:
     assert gpu_bench.analytic_gflop(ViTConfig()) == pytest.approx(gpu_bench.GFLOP_PER_VOLUME, rel=1e-3)
 

@@ -179,27 +179,6 @@ def test_widening_in_place_gives_astypes_values(dtype: str, count: int) -> None:
     np.testing.assert_array_equal(widened, values.astype(np.float32))
 
 
-@pytest.mark.parametrize("dtype", ["<i2", ">u2", "<f4"])
-def test_each_block_is_seen_with_its_stored_values_just_before_it_is_widened(dtype: str) -> None:
-    """`widen(each=...)`'s contract, which the NIfTI reader's statistics rely on: when ``each(b)`` runs,
-    block b still holds its stored values and every block after it is float32 already."""
-    count, block = 10 * 1000 + 7, 1000
-    values = np.random.default_rng(3).integers(-1024, 3000, count).astype(dtype)
-    memory = VolumeMemory(4 * count)
-    memory.view(np.dtype(np.uint8), values.nbytes)[:] = values.view(np.uint8)
-    stored, widened = memory.view(np.dtype(dtype), count), memory.view(np.dtype(np.float32), count)
-    seen: list[int] = []
-
-    def each(b: int) -> None:
-        start, end = b * block, min(count, (b + 1) * block)
-        np.testing.assert_array_equal(stored[start:end], values[start:end])
-        np.testing.assert_array_equal(widened[end:], values[end:].astype(np.float32))
-        seen.append(b)
-
-    memory.widen(np.dtype(dtype), count, block=block, each=each)
-    assert seen == list(range(10, -1, -1))
-
-
 @pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", "<f4"])
 def test_a_nifti_volume_is_widened_in_the_memory_with_the_same_values(
     tmp_path: Path, head: Volume, dtype: str
@@ -218,3 +197,22 @@ def test_a_nifti_volume_is_widened_in_the_memory_with_the_same_values(
     np.testing.assert_array_equal(in_memory.hu, own.hu)
     np.testing.assert_array_equal(in_memory.hu, stored.astype(np.float32))
     assert in_memory.hu.strides == own.hu.strides  # the same memory layout
+
+
+@pytest.mark.parametrize(("dtype", "planes_per_read"), [("<i2", 5), ("<i2", 7), (">u2", 10), ("<f4", 5)])
+def test_a_nifti_read_a_few_planes_at_a_time_has_every_value_and_plane_statistic(
+    tmp_path: Path, head: Volume, monkeypatch: pytest.MonkeyPatch, dtype: str, planes_per_read: int
+) -> None:
+    """Planes read `planes_per_read` at a time (a last read of fewer), the statistics gathered from the
+    stored values of each read: the same volume and statistics as a plain read."""
+    from api.ingest import nifti
+
+    stored = (np.rint(head.hu) + (1024 if dtype == ">u2" else 0)).astype(dtype)
+    assert stored.shape[2] % planes_per_read  # (the last read is a short one)
+    plane_bytes = stored.shape[0] * stored.shape[1] * stored.dtype.itemsize
+    monkeypatch.setattr(nifti, "_READ_CHUNK_BYTES", planes_per_read * plane_bytes + plane_bytes // 2)
+    path = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(stored, head.affine), path)
+    scan = decode_upload(path, "application/gzip", memory=VolumeMemory(1 << 28))
+    np.testing.assert_array_equal(scan.volume.hu, stored.astype(np.float32))
+    _assert_same_stats(scan.plane_stats, scan.volume.hu)
